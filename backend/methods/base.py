@@ -1,0 +1,227 @@
+"""The method contract every segmentation method implements, and what they share.
+
+A method owns its networks, optimizers and losses.  The engine (``backend.training``) feeds it batches and
+sets the learning rate; ``backend.inference`` asks it for pseudo labels of whole volumes.
+
+Batches (tensors already on the method's device, intensities already normalised by ``backend.data``):
+
+* ``labeled = {"image": float32 [B, C, *patch], "label": int64 [B, 1, *patch]}``
+* ``unlabeled = {"image": float32 [B, C, *patch]}``
+
+``patch`` is ``(H, W)`` for 2D methods (``dims = 2``: slices taken along z) and ``(D, H, W)`` for 3D ones.
+Volumes handed to :meth:`Method.pseudo_labels` / :meth:`Method.predict` are float32 ``[C, Z, Y, X]`` tensors
+(normalised); results are uint8 ``[Z, Y, X]`` numpy arrays.
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+import json
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+import torch
+
+
+@dataclasses.dataclass
+class BaseConfig:
+    """Fields every method has.  Subclasses add their paper's hyper-parameters with the paper's defaults."""
+
+    num_classes: int = 2
+    in_channels: int = 1
+    patch_size: tuple[int, ...] = (96, 96, 96)
+    batch_labeled: int = 2
+    batch_unlabeled: int = 2
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    max_steps: int = 30000
+    poly_power: float = 0.9  # lr = base_lr * (1 - step / max_steps) ** poly_power (SSL4MIS / nnU-Net)
+    checkpoint_every: int = 500
+    val_every: int = 200
+    sw_overlap: float = 0.5  # sliding-window overlap at inference (3D)
+    sw_batch_size: int = 4
+    amp: bool = True  # autocast on CUDA (bf16 where supported, else fp16 with a grad scaler)
+    channels_last: bool = True  # memory format on CUDA
+    seed: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BaseConfig":
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in data.items():
+            if key in names:
+                kwargs[key] = tuple(value) if isinstance(value, list) else value
+        return cls(**kwargs)
+
+
+class Method(abc.ABC):
+    """Base class of all methods.  Subclasses set the class attributes and implement the abstract methods."""
+
+    name: ClassVar[str]
+    dims: ClassVar[int]  # 2: slice-wise on volumes; 3: patch-wise with sliding-window inference
+    config_class: ClassVar[type[BaseConfig]] = BaseConfig
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}  # preset name -> overrides of the config defaults
+    views: ClassVar[tuple[str, ...]] = ()  # names of the pseudo-label views pseudo_labels() returns
+
+    def __init__(self, config: BaseConfig, device: torch.device | str = "cpu"):
+        self.config = config
+        self.device = torch.device(device)
+        self._scaler: torch.amp.GradScaler | None = None
+
+    # ---- configuration -------------------------------------------------------------------------------------
+    @classmethod
+    def make_config(cls, preset: str | None = None, **overrides: Any) -> BaseConfig:
+        """The config of ``preset`` (the paper's defaults when None), with ``overrides`` on top."""
+        values: dict[str, Any] = {}
+        if preset is not None:
+            if preset not in cls.presets:
+                raise KeyError(f"method '{cls.name}' has no preset '{preset}' (presets: {', '.join(cls.presets)})")
+            values.update(cls.presets[preset])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.config_class(**values)
+
+    # ---- the contract ----------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """Every optimizer; the engine sets their learning rate each step (see :meth:`lr_at`)."""
+
+    @abc.abstractmethod
+    def train_step(self, labeled: dict[str, torch.Tensor], unlabeled: dict[str, torch.Tensor],
+                   step: int) -> dict[str, float]:
+        """One optimisation step (zero_grad, forward, backward, optimizer step).  Returns scalars to log:
+        losses, calibration Dice, loss weights."""
+
+    @abc.abstractmethod
+    def pseudo_labels(self, volume: torch.Tensor) -> dict[str, np.ndarray]:
+        """Every review view of one normalised ``[C, Z, Y, X]`` volume: ``{view: uint8 [Z, Y, X]}``."""
+
+    @abc.abstractmethod
+    def predict(self, volume: torch.Tensor) -> np.ndarray:
+        """The method's final segmentation of one normalised volume (uint8 ``[Z, Y, X]``)."""
+
+    @abc.abstractmethod
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """Every network by name (state dicts, train/eval mode, DDP wrapping)."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """Non-network state to checkpoint (memory banks, EMA buffers, ...). Tensors and plain data only."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned."""
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate at ``step``: poly decay by default (override for the method's own schedule)."""
+        c = self.config
+        return c.lr * (1.0 - min(step, c.max_steps - 1) / c.max_steps) ** c.poly_power
+
+    # ---- shared mechanics ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "modules": {k: m.state_dict() for k, m in self.modules().items()},
+            "optimizers": [o.state_dict() for o in self.optimizers()],
+            "extra": self.extra_state(),
+            "scaler": self._scaler.state_dict() if self._scaler is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, module in self.modules().items():
+            module.load_state_dict(state["modules"][key])
+        for optimizer, saved in zip(self.optimizers(), state.get("optimizers", [])):
+            optimizer.load_state_dict(saved)
+        self.load_extra_state(state.get("extra", {}))
+        if self._scaler is not None and state.get("scaler"):
+            self._scaler.load_state_dict(state["scaler"])
+
+    def train(self, mode: bool = True) -> "Method":
+        for module in self.modules().values():
+            module.train(mode)
+        return self
+
+    def eval(self) -> "Method":
+        return self.train(False)
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """The autocast dtype, or None when autocast is off (CPU, or ``config.amp`` False)."""
+        if not self.config.amp or self.device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        dtype = self.amp_dtype
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """``loss.backward()`` then ``optimizer.step()``, through a grad scaler when autocasting to fp16."""
+        if self.amp_dtype == torch.float16:
+            if self._scaler is None:
+                self._scaler = torch.amp.GradScaler(self.device.type)
+            self._scaler.scale(loss).backward()
+            self._scaler.step(optimizer)
+            self._scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+
+    def to_device(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Move a network to the method's device (channels-last on CUDA when configured)."""
+        module = module.to(self.device)
+        if self.device.type == "cuda" and self.config.channels_last:
+            fmt = torch.channels_last if self.dims == 2 else torch.channels_last_3d
+            module = module.to(memory_format=fmt)
+        return module
+
+    # ---- whole-volume inference helpers (one way to do each, shared by all methods) ------------------------
+    @torch.no_grad()
+    def infer_volume(self, volume: torch.Tensor,
+                     predictor: Callable[[torch.Tensor], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Run ``predictor`` over a whole ``[C, Z, Y, X]`` volume and return ``{name: [K, Z, Y, X]}`` maps.
+
+        ``predictor`` maps a batch ``[B, C, *patch]`` to a dict of ``[B, K, *patch]`` tensors (probabilities or
+        logits).  3D methods: MONAI sliding-window inference over ``config.patch_size`` with
+        ``config.sw_overlap`` and Gaussian blending.  2D methods: every z slice, in batches, padded to a
+        multiple of 16.
+        """
+        x = volume.to(self.device, torch.float32)
+        with self.autocast():
+            if self.dims == 3:
+                from monai.inferers import sliding_window_inference
+
+                out = sliding_window_inference(
+                    x[None], roi_size=tuple(self.config.patch_size), sw_batch_size=self.config.sw_batch_size,
+                    predictor=predictor, overlap=self.config.sw_overlap, mode="gaussian",
+                )
+                return {k: v[0].float() for k, v in out.items()}
+            return self._infer_slices(x, predictor)
+
+    def _infer_slices(self, x: torch.Tensor,
+                      predictor: Callable[[torch.Tensor], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        from monai.transforms import DivisiblePad
+
+        c, z, y, w = x.shape
+        slices = x.permute(1, 0, 2, 3)  # [Z, C, Y, X]
+        pad = DivisiblePad(k=16, mode="constant")
+        padded = torch.stack([torch.as_tensor(pad(s)) for s in slices]) if (y % 16 or w % 16) else slices
+        outputs: dict[str, list[torch.Tensor]] = {}
+        batch = max(1, self.config.sw_batch_size * 4)
+        for start in range(0, z, batch):
+            for key, value in predictor(padded[start:start + batch]).items():
+                outputs.setdefault(key, []).append(value.float())
+        y0 = (padded.shape[-2] - y) // 2
+        x0 = (padded.shape[-1] - w) // 2
+        return {k: torch.cat(v)[..., y0:y0 + y, x0:x0 + w].permute(1, 0, 2, 3) for k, v in outputs.items()}
+
+
+def argmax_uint8(maps: torch.Tensor) -> np.ndarray:
+    """``[K, Z, Y, X]`` class scores to a uint8 label volume."""
+    return maps.argmax(0).to(torch.uint8).cpu().numpy()
+

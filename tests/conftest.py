@@ -1,0 +1,37 @@
+"""Shared fixtures: real sample projects copied to a temp folder, small thread counts for 2-core CI."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "sample_data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads():
+    try:
+        import torch
+
+        torch.set_num_threads(2)
+    except ImportError:
+        pass
+
+
+@pytest.fixture
+def brain_project(tmp_path):
+    """A fresh copy of the real brain-tissue sample project."""
+    from backend.sample import copy_sample
+
+    return copy_sample(tmp_path / "brain", "brain_tissue")
+
+
+@pytest.fixture
+def lesion_project(tmp_path):
+    from backend.sample import copy_sample
+
+    return copy_sample(tmp_path / "lesions", "lesions")
