@@ -68,11 +68,15 @@ class Method(abc.ABC):
     config_class: ClassVar[type[BaseConfig]] = BaseConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = {}  # preset name -> overrides of the config defaults
     views: ClassVar[tuple[str, ...]] = ()  # names of the pseudo-label views pseudo_labels() returns
+    primary_view: ClassVar[str] = ""  # the view that predict() returns and that export / "start from" default to
 
     def __init__(self, config: BaseConfig, device: torch.device | str = "cpu"):
         self.config = config
         self.device = torch.device(device)
         self._scaler: torch.amp.GradScaler | None = None
+        # Set by the engine under torch.distributed: averages the gradients of the given parameters across
+        # ranks between backward and the optimizer step (see backend.training).
+        self.grad_sync: Callable[[list[torch.nn.Parameter]], None] | None = None
 
     # ---- configuration -------------------------------------------------------------------------------------
     @classmethod
@@ -162,14 +166,16 @@ class Method(abc.ABC):
 
     def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
         """``loss.backward()`` then ``optimizer.step()``, through a grad scaler when autocasting to fp16."""
-        if self.amp_dtype == torch.float16:
-            if self._scaler is None:
-                self._scaler = torch.amp.GradScaler(self.device.type)
-            self._scaler.scale(loss).backward()
+        scaled = self.amp_dtype == torch.float16
+        if scaled and self._scaler is None:
+            self._scaler = torch.amp.GradScaler(self.device.type)
+        (self._scaler.scale(loss) if scaled else loss).backward()
+        if self.grad_sync is not None:
+            self.grad_sync([p for group in optimizer.param_groups for p in group["params"]])
+        if scaled:
             self._scaler.step(optimizer)
             self._scaler.update()
         else:
-            loss.backward()
             optimizer.step()
 
     def to_device(self, module: torch.nn.Module) -> torch.nn.Module:
