@@ -81,12 +81,15 @@ def discover(images: Path, labels: Path | None = None) -> tuple[list[CaseSource]
 
 
 def _infer_labels(sources: list[CaseSource]) -> dict[int, str]:
+    """Label names from the values found in the labels (``label_<v>``), when no JSON declares them."""
     import numpy as np
 
     values: set[int] = {0}
     for source in sources:
         if source.label is not None:
             values.update(int(v) for v in np.unique(read_volume(source.label, key=source.label_key).array))
+    if values == {0}:  # no label seen: a single foreground class until the user says otherwise
+        values.add(1)
     return {v: ("background" if v == 0 else f"label_{v}") for v in sorted(values)}
 
 

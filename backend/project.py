@@ -235,6 +235,7 @@ class Project:
         Returns the history record.
         """
         where = label_file or case
+        check_case_name(case, where)
         if case not in self.case_ids():
             raise InputError(where, f"no case '{case}' in project {self.root}")
         image = self.read_image(case)
