@@ -142,7 +142,7 @@ def _load_extensions() -> None:
     """Import the modules that register engine commands (kept apart so ``semiseg cases`` never imports torch)."""
     import importlib
 
-    for module in ("backend.cli_engine",):
+    for module in ("backend.cli_engine", "backend.cli_jobs"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:
