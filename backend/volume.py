@@ -155,6 +155,25 @@ def read_volume(path: str | Path, *, key: str = "image", series_uid: str | None 
     return volume
 
 
+def read_geometry(path: str | Path) -> Volume:
+    """A NIfTI file's size and geometry from its header alone (no voxel is decompressed).
+
+    The returned volume's array is a read-only zero-stride placeholder of the right shape: use it for
+    geometry checks and :meth:`Volume.like`, never for voxel values.
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    try:
+        image = nib.load(str(path))
+    except Exception as exc:
+        raise InputError(path, f"cannot read header ({exc})") from exc
+    shape = image.shape[:3]
+    if len(shape) != 3:
+        raise InputError(path, f"{len(image.shape)}D image of shape {image.shape}; a 3D volume is expected")
+    return _nifti_volume(path, image, np.broadcast_to(np.uint8(0), shape))
+
+
 def _read_nifti(path: Path) -> Volume:
     import nibabel as nib
 
@@ -162,10 +181,13 @@ def _read_nifti(path: Path) -> Volume:
     data = np.asanyarray(image.dataobj)  # reads the whole file: a truncated one fails here
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
-    if data.ndim not in (2, 3):
+    if data.ndim != 3:
         return Volume(data)  # rejected by the caller with its shape
-    if data.ndim == 2:
-        return Volume(data)
+    return _nifti_volume(path, image, data)
+
+
+def _nifti_volume(path: Path, image, data: np.ndarray) -> Volume:
+    """Volume from nibabel's ``[x, y, z]`` data and RAS affine (flipped to LPS, axes to ``[z, y, x]``)."""
     lps = _LPS_FROM_RAS @ image.affine
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
     if np.any(spacing == 0):
@@ -265,7 +287,8 @@ def _write_nifti(volume: Volume, path: Path) -> None:
     import nibabel as nib
 
     affine = volume.affine_ras
-    image = nib.Nifti1Image(np.ascontiguousarray(volume.array.transpose(2, 1, 0)), affine)
+    # The [x, y, z] view of a C-ordered [z, y, x] array is Fortran-ordered: exactly what NIfTI stores, no copy.
+    image = nib.Nifti1Image(volume.array.transpose(2, 1, 0), affine)
     # Both forms set and equal, so nibabel and ITK (which disagree on which one wins) read the same geometry.
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
