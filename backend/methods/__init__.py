@@ -7,6 +7,7 @@ from backend.methods.base import BaseConfig, Method
 
 _MODULES = {
     "supervised": "backend.methods.supervised",
+    "supervised2d": "backend.methods.supervised2d",
     "diffrect": "backend.methods.diffrect",
     "diffcl": "backend.methods.diffcl",
     "genericssl": "backend.methods.genericssl",

@@ -1,0 +1,110 @@
+"""Pseudo labels for the unlabeled cases from a trained run, and the agreement scores the review queue sorts by.
+
+Output, per run (the run name is the model run's):
+
+* ``semiseg/pseudo/<method>/<run>/<case>/<view>.nii.gz``: every view ``Method.pseudo_labels`` returns, uint8 in
+  the image's exact geometry;
+* ``semiseg/pseudo/<method>/<run>/scores.json``: per case, Dice agreement between every pair of views (per
+  class and mean), the worst class, and each view's class volumes in ml.  Written last and atomically, so a
+  run whose ``scores.json`` exists is complete; inferring a subset of cases into a run that has one merges
+  the new cases into it.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from backend.devices import pick_device
+from backend.errors import InputError
+from backend.intensity import normalize_intensity
+from backend.methods import get_method
+from backend.methods.base import Method
+from backend.metrics import agreement, volumes_ml
+from backend.project import Project, write_json_atomic
+from backend.training import latest_run, load_checkpoint
+from backend.volume import write_volume
+
+
+def load_trained(project: Project, method: str, run: str | None = None, device: str = "auto"
+                 ) -> tuple[Method, str, dict[str, Any]]:
+    """``(method instance in eval mode, run name, run.json)`` of a trained run (the latest when ``run`` is None)."""
+    cls = get_method(method)
+    run = run or latest_run(project, method)
+    folder = project.model_dir(method, run)
+    path = folder / "checkpoint.pt"
+    if not path.is_file():
+        raise InputError(folder, f"run '{run}' of '{method}' has no checkpoint")
+    state = load_checkpoint(path)
+    config = cls.config_class.from_dict(state["config"])
+    model = cls(config, pick_device(device))
+    model.load_state_dict(state["method"])
+    model.eval()
+    run_json = folder / "run.json"
+    info = json.loads(run_json.read_text()) if run_json.is_file() else {}
+    return model, run, info
+
+
+def infer(project: Project | str | Path, method: str, *, run: str | None = None, device: str = "auto",
+          cases: list[str] | None = None, on_event: Callable[[dict], None] | None = None,
+          should_stop: Callable[[], bool] | None = None) -> str:
+    """Write pseudo labels and ``scores.json`` for every unlabeled case (or ``cases``); return the run name.
+
+    Events: ``start``, one ``progress`` per case (``step``/``total``/``case``/``seconds``/``eta_s``), then ``done``
+    (or ``cancelled`` when ``should_stop`` returns True between cases: nothing of the unfinished run is scored).
+    """
+    project = project if isinstance(project, Project) else Project.open(project)
+    emit = on_event or (lambda event: None)
+    model, run, info = load_trained(project, method, run, device)
+    todo = list(cases) if cases is not None else project.unlabeled_cases()
+    known = set(project.case_ids())
+    unknown = [c for c in todo if c not in known]
+    if unknown:
+        raise InputError(project.root, f"no case {', '.join(unknown)} in the project")
+    out_dir = project.pseudo_dir(method, run)
+    labels = project.labels
+    num_classes = model.config.num_classes
+    emit({"type": "start", "method": method, "run": run, "total": len(todo), "cases": todo,
+          "device": str(model.device)})
+
+    results: dict[str, Any] = {}
+    started = time.perf_counter()
+    for i, case in enumerate(todo):
+        if should_stop is not None and should_stop():
+            emit({"type": "cancelled", "step": i, "run": run})
+            return run
+        tic = time.perf_counter()
+        image = project.read_image(case)
+        volume = normalize_intensity(image.array, project.modality)[None]
+        with torch.no_grad():
+            views = model.pseudo_labels(torch.from_numpy(np.ascontiguousarray(volume)))
+        for view, array in views.items():
+            if tuple(array.shape) != image.shape:
+                raise RuntimeError(f"{method}: view '{view}' has shape {array.shape}, the image {image.shape}")
+            write_volume(image.like(np.ascontiguousarray(array, dtype=np.uint8)), out_dir / case / f"{view}.nii.gz")
+        scores = agreement(views, num_classes, labels)
+        scores["volume_ml"] = {v: volumes_ml(a, num_classes, image.spacing, labels) for v, a in views.items()}
+        results[case] = scores
+        seconds = time.perf_counter() - tic
+        per_case = (time.perf_counter() - started) / (i + 1)
+        emit({"type": "progress", "step": i + 1, "total": len(todo), "case": case, "seconds": round(seconds, 3),
+              "eta_s": round(per_case * (len(todo) - i - 1), 1), "agreement_mean": scores["agreement_mean"]})
+
+    scores_path = out_dir / "scores.json"
+    previous = json.loads(scores_path.read_text()) if scores_path.is_file() else {}
+    merged = dict(previous.get("cases", {})) if cases is not None else {}
+    merged.update(results)
+    write_json_atomic(scores_path, {
+        "method": method,
+        "run": run,
+        "views": list(model.views),
+        "labels": {str(k): v for k, v in labels.items() if k != 0},
+        "labeled_count": int(info.get("labeled_count", len(project.labeled_cases()))),
+        "cases": merged,
+    })
+    emit({"type": "done", "run": run, "step": len(todo), "path": str(scores_path)})
+    return run

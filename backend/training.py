@@ -1,0 +1,489 @@
+"""The training loop every method shares: data, learning rate, checkpoints, validation, events, cancel, resume.
+
+A run lives in ``semiseg/models/<method>/<run>/``:
+
+* ``checkpoint.pt``: ``{"format", "method_name", "method": Method.state_dict(), "step", "config", "rng",
+  "sampler"}``, plain containers and tensors only, so it loads with ``torch.load(..., weights_only=True)``;
+  written to a temp file and renamed, so a crash never leaves half a checkpoint.
+* ``config.json``: the method config; ``run.json``: method, preset, cases, device, status
+  (``running``/``done``/``cancelled``/``failed``), steps done; ``metrics.jsonl``: one line per logged step
+  (``{"type": "train", "step", "lr", <losses>}``) and per validation (``{"type": "validation", "step", "dice",
+  "mean"}``).
+
+Steps are counted from 1 in events, files and checkpoints (``step`` = steps done); ``Method.train_step`` and
+``Method.lr_at`` get the 0-based index of the step being taken.
+
+Determinism: python, numpy and torch are seeded from ``config.seed`` before the networks are built, batches are
+a pure function of ``(seed, step)`` (see :mod:`backend.data`), and validation runs under a forked torch RNG so it
+never shifts the training stream.  On the CPU a run cancelled and resumed ends bit-identical to an
+uninterrupted one.  On CUDA cuDNN autotuning is on (speed first), so runs agree only to float tolerance.
+
+Data-parallel training (``torch.distributed`` initialised by :mod:`backend.training_dist`): see
+:func:`_distributed_setup` for why methods are not wrapped in ``DistributedDataParallel``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from backend.data import CaseArrays, load_case, make_sampler
+from backend.devices import pick_device
+from backend.errors import InputError
+from backend.methods import get_method
+from backend.methods.base import Method
+from backend.metrics import dice_per_class
+from backend.project import Project, write_json_atomic
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+PROGRESS_INTERVAL_S = 0.5  # progress events at most twice a second (plus the first and the last step)
+MAX_LOG_LINES = 2000  # metrics.jsonl holds about this many training lines per run (losses averaged between)
+
+Event = Callable[[dict], None]
+
+
+# ---- runs on disk -----------------------------------------------------------------------------------------------
+def model_runs(project: Project, method: str) -> list[str]:
+    """Runs of ``method`` that hold a checkpoint, oldest first (run names sort by time)."""
+    folder = project.semiseg / "models" / method
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if (p / CHECKPOINT).is_file())
+
+
+def latest_run(project: Project, method: str) -> str:
+    runs = model_runs(project, method)
+    if not runs:
+        raise InputError(project.semiseg / "models" / method, f"no trained run of '{method}' (train it first)")
+    return runs[-1]
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's contents on the CPU (``weights_only=True``: nothing but tensors and plain data)."""
+    return torch.load(Path(path), map_location="cpu", weights_only=True)
+
+
+def _new_run_name(project: Project, method: str) -> str:
+    """A UTC timestamp, with ``-2``, ``-3``, ... when taken; the folder is created to claim the name."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    base = project.semiseg / "models" / method
+    base.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 1000):
+        name = stamp if i == 1 else f"{stamp}-{i}"
+        try:
+            (base / name).mkdir()
+            return name
+        except FileExistsError:
+            continue
+    raise RuntimeError("cannot find a free run name")
+
+
+# ---- RNG state (weights_only-safe) ----------------------------------------------------------------------------
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+# ---- distributed -----------------------------------------------------------------------------------------------
+def _dist_info() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _distributed_setup(method: Method, world: int) -> None:
+    """Make the replicas of ``method`` on every rank one data-parallel model.
+
+    Methods own several networks (students, EMA teachers, denoisers) and run several forward/backward passes per
+    step, some of them on networks that are not optimised at all.  ``DistributedDataParallel`` wraps one module
+    and hooks one backward per forward; wrapping every network would need each method to be written for DDP
+    (``no_sync`` contexts, unused-parameter detection, teachers kept outside).  Instead the engine does the two
+    things DDP does, at the method's level:
+
+    1. broadcast every network's parameters and buffers from rank 0, so all replicas start equal;
+    2. set ``method.grad_sync``: :meth:`Method.backward_and_step` calls it between ``backward`` and
+       ``optimizer.step``, and it all-reduces the gradients of that optimizer's parameters (one flattened
+       tensor per dtype) and divides by the world size.  Every rank then takes the same optimizer step from the
+       same weights, so replicas stay identical, and the effective batch is ``world x`` the configured one.
+
+    Buffers that change in the forward pass (BatchNorm statistics) are re-broadcast from rank 0 before every
+    step, as DDP's ``broadcast_buffers`` does.  Each rank draws different patches (its data seed is offset by
+    its rank); only rank 0 validates and writes checkpoints, metrics and events.
+    """
+    import torch.distributed as dist
+
+    def grad_sync(params: list[torch.nn.Parameter]) -> None:
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        for dtype in sorted({g.dtype for g in grads}, key=str):
+            group = [g for g in grads if g.dtype == dtype]
+            flat = torch.cat([g.reshape(-1) for g in group])
+            dist.all_reduce(flat)
+            flat /= world
+            offset = 0
+            for g in group:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+    _broadcast_tensors([t for m in method.modules().values() for t in m.state_dict().values()])
+    method.grad_sync = grad_sync
+
+
+def _broadcast_tensors(tensors: list[torch.Tensor]) -> None:
+    import torch.distributed as dist
+
+    for dtype in sorted({t.dtype for t in tensors}, key=str):
+        group = [t for t in tensors if t.dtype == dtype]
+        flat = torch.cat([t.detach().reshape(-1) for t in group])
+        dist.broadcast(flat, 0)
+        offset = 0
+        for t in group:
+            with torch.no_grad():
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def _broadcast_buffers(method: Method) -> None:
+    buffers = [b for m in method.modules().values() for b in m.buffers()]
+    if buffers:
+        _broadcast_tensors(buffers)
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+# ---- validation ------------------------------------------------------------------------------------------------
+def validate(method: Method, cases: list[CaseArrays], labels: dict[int, str]) -> dict[str, Any]:
+    """Whole-volume Dice (MONAI ``compute_dice``, the function behind ``DiceMetric``) per foreground class,
+    averaged over ``cases``.  Runs under a forked torch RNG (stochastic predictors leave training untouched)."""
+    num_classes = method.config.num_classes
+    scores = []
+    devices = [method.device.index or 0] if method.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        method.eval()
+        try:
+            for case in cases:
+                pred = method.predict(torch.from_numpy(case.image))
+                scores.append(dice_per_class(pred, case.label, num_classes))
+        finally:
+            method.train()
+    mean_per_class = np.mean(scores, axis=0) if scores else np.zeros(num_classes - 1)
+    dice = {labels.get(k, str(k)): round(float(v), 6) for k, v in zip(range(1, num_classes), mean_per_class)}
+    return {"dice": dice, "mean": round(float(np.mean(mean_per_class)), 6) if len(mean_per_class) else None}
+
+
+# ---- the loop --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _RunFiles:
+    folder: Path
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.folder / CHECKPOINT
+
+    @property
+    def run_json(self) -> Path:
+        return self.folder / "run.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.folder / "metrics.jsonl"
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self.metrics, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop lines past ``step`` (written after the checkpoint a run resumes from)."""
+        if not self.metrics.is_file():
+            return
+        keep = [line for line in self.metrics.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.metrics.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.metrics)
+
+
+def _save_checkpoint(files: _RunFiles, method: Method, method_name: str, step: int, sampler_state: dict) -> Path:
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "method_name": method_name,
+        "method": method.state_dict(),
+        "step": int(step),
+        "config": json.loads(method.config.to_json()),
+        "rng": _rng_state(method.device),
+        "sampler": dict(sampler_state),
+    }
+    tmp = files.folder / f".{CHECKPOINT}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, files.checkpoint)
+    return files.checkpoint
+
+
+def _split_cases(project: Project, seed: int) -> dict[str, Any]:
+    """Labeled cases to train on and to validate on; every unlabeled case for the unlabeled stream."""
+    labeled = project.labeled_cases()
+    if not labeled:
+        raise InputError(project.root, "no labeled case: label (accept) at least one case before training")
+    if len(labeled) >= 2:
+        held = random.Random(seed).choice(labeled)
+        train_cases, val_cases, val_on_train = [c for c in labeled if c != held], [held], False
+    else:
+        train_cases, val_cases, val_on_train = list(labeled), list(labeled), True
+    return {"labeled_cases": train_cases, "val_cases": val_cases, "val_on_train": val_on_train,
+            "unlabeled_cases": project.unlabeled_cases()}
+
+
+def train(project: Project | str | Path, method: str, *, preset: str | None = "quick", steps: int | None = None,
+          device: str = "auto", run: str | None = None, resume: bool = False, overrides: dict | None = None,
+          on_event: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None) -> str:
+    """Train ``method`` on the project's labeled (and unlabeled) cases; return the run name.
+
+    ``preset`` picks the method's preset (None: the paper's defaults), ``overrides`` change config fields on
+    top, ``steps`` sets ``config.max_steps`` (so the poly schedule ends with the run).  ``run`` names a new run
+    (default: a UTC timestamp); with ``resume=True`` it names the run to continue (default: the latest), whose
+    saved config and case split are reused, ``steps`` may extend it.  ``on_event`` receives ``start``,
+    ``progress``, ``validation``, ``checkpoint``, ``done`` and ``cancelled`` events; ``should_stop`` is polled
+    every step and, when it returns True, the run checkpoints, is marked ``cancelled`` and returns.
+    """
+    return train_method(project, method, preset=preset, steps=steps, device=device, run=run, resume=resume,
+                        overrides=overrides, on_event=on_event, should_stop=should_stop)[0]
+
+
+def train_method(project: Project | str | Path, method: str, *, preset: str | None = "quick",
+                 steps: int | None = None, device: str = "auto", run: str | None = None, resume: bool = False,
+                 overrides: dict | None = None, on_event: Callable[[dict], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> tuple[str, Method]:
+    """:func:`train`, returning ``(run name, the trained method instance)``."""
+    project = project if isinstance(project, Project) else Project.open(project)
+    cls = get_method(method)
+    dev = pick_device(device)
+    rank, world = _dist_info()
+    emit: Event = on_event if (on_event is not None and rank == 0) else (lambda event: None)
+    overrides = dict(overrides or {})
+    if steps is not None and int(steps) < 1:
+        raise InputError(None, f"steps must be at least 1 (got {steps})")
+
+    # ---- configuration, case split and run folder ----
+    ckpt: dict[str, Any] | None = None
+    if resume:
+        run = run or latest_run(project, method)
+        files = _RunFiles(project.model_dir(method, run))
+        if not files.checkpoint.is_file():
+            raise InputError(files.folder, f"run '{run}' of '{method}' has no checkpoint to resume from")
+        info = json.loads(files.run_json.read_text())
+        saved = json.loads((files.folder / "config.json").read_text())
+        saved.update({k: v for k, v in overrides.items() if v is not None})
+        config = cls.config_class.from_dict(saved)
+        if steps is not None:
+            config.max_steps = int(steps)
+        preset = info.get("preset")
+        split = {k: info[k] for k in ("labeled_cases", "val_cases", "val_on_train", "unlabeled_cases")}
+        missing = [c for c in split["labeled_cases"] + split["val_cases"] if not project.is_labeled(c)]
+        if missing:
+            raise InputError(project.root, f"cases {missing} of run '{run}' are no longer labeled")
+        ckpt = load_checkpoint(files.checkpoint)
+    else:
+        config = cls.make_config(preset, **overrides)
+        config.num_classes = project.num_classes
+        config.in_channels = 1
+        if steps is not None:
+            config.max_steps = int(steps)
+        if config.max_steps < 1:
+            raise InputError(None, f"steps must be at least 1 (got {config.max_steps})")
+        split = _split_cases(project, config.seed)
+        if rank == 0:
+            if run is None:
+                run = _new_run_name(project, method)
+            else:
+                folder = project.model_dir(method, run)
+                if (folder / CHECKPOINT).exists() or (folder / "run.json").exists():
+                    raise InputError(folder, f"run '{run}' exists; resume it (--resume) or pick another name")
+                folder.mkdir(parents=True, exist_ok=True)
+        if world > 1:
+            import torch.distributed as dist
+
+            box = [run]
+            dist.broadcast_object_list(box, src=0)
+            run = box[0]
+        files = _RunFiles(project.model_dir(method, run))
+
+    # ---- method, data ----
+    seed_everything(config.seed)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model = cls(config, dev)
+    if world > 1 and rank > 0:
+        torch.manual_seed(config.seed + rank)  # different dropout / noise per rank
+    cache: dict[str, CaseArrays] = {}
+    sampler = make_sampler(project, config, split["labeled_cases"], split["unlabeled_cases"],
+                           seed=config.seed + 1_000_003 * rank, device=dev, cache=cache)
+    val_data = [cache[c] if c in cache else load_case(project, c) for c in split["val_cases"]] if rank == 0 else []
+    start = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["method"])
+        start = int(ckpt["step"])
+        sampler.index = int(ckpt.get("sampler", {}).get("index", start))
+        if rank == 0:
+            _set_rng_state(ckpt["rng"], dev)
+        else:
+            torch.manual_seed(config.seed + rank + start)
+        del ckpt
+    if world > 1:
+        _distributed_setup(model, world)
+
+    info = {
+        "method": method, "preset": preset, "run": run,
+        "labeled_cases": split["labeled_cases"], "labeled_count": len(split["labeled_cases"]),
+        "val_cases": split["val_cases"], "val_on_train": split["val_on_train"],
+        "unlabeled_cases": split["unlabeled_cases"], "unlabeled_count": len(split["unlabeled_cases"]),
+        "unlabeled_from_labeled": sampler.unlabeled_from_labeled,
+        "views": list(cls.views), "primary_view": cls.primary_view,
+        "device": str(dev), "world_size": world, "status": "running", "steps_done": start,
+        "max_steps": config.max_steps, "started": _now(), "updated": _now(),
+    }
+    if rank == 0:
+        files.folder.mkdir(parents=True, exist_ok=True)
+        if resume:
+            previous = json.loads(files.run_json.read_text())
+            info["started"] = previous.get("started", info["started"])
+            last_val = previous.get("last_validation")
+            info["last_validation"] = last_val if last_val and last_val.get("step", 0) <= start else None
+            files.truncate_metrics(start)
+        else:
+            files.metrics.unlink(missing_ok=True)
+        write_json_atomic(files.folder / "config.json", json.loads(config.to_json()))
+        write_json_atomic(files.run_json, info)
+    emit({"type": "start", "run": run, "method": method, "preset": preset, "device": str(dev), "step": start,
+          "total": config.max_steps, "resumed": bool(resume), "world_size": world,
+          "labeled_cases": split["labeled_cases"], "val_cases": split["val_cases"],
+          "unlabeled_cases": split["unlabeled_cases"]})
+
+    def update_info(**changes: Any) -> None:
+        if rank == 0:
+            info.update(changes, updated=_now())
+            write_json_atomic(files.run_json, info)
+
+    def checkpoint(step: int) -> None:
+        if rank == 0:
+            path = _save_checkpoint(files, model, method, step, sampler.state_dict())
+            update_info(steps_done=step)
+            emit({"type": "checkpoint", "step": step, "path": str(path)})
+
+    def run_validation(step: int) -> None:
+        if rank != 0:
+            return
+        result = validate(model, val_data, project.labels)
+        record = {"type": "validation", "step": step, **result, "val_on_train": split["val_on_train"]}
+        files.append_metrics(record)
+        update_info(last_validation=record)
+        emit(record)
+
+    # ---- the loop ----
+    log_every = max(1, math.ceil(config.max_steps / MAX_LOG_LINES))
+    pending: dict[str, list[float]] = {}
+    step_times: list[float] = []
+    ema: float | None = None
+    last_emit = 0.0
+    step = start
+    model.train()
+    try:
+        while step < config.max_steps:
+            stop = bool(should_stop()) if should_stop is not None else False
+            if world > 1:
+                stop = _any_rank(stop, dev)
+            if stop:
+                checkpoint(step)
+                update_info(status="cancelled", steps_done=step)
+                emit({"type": "cancelled", "step": step, "run": run})
+                return run, model
+            tic = time.perf_counter()
+            lr = model.lr_at(step)
+            for optimizer in model.optimizers():
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+            labeled, unlabeled = sampler.next()
+            if world > 1:
+                _broadcast_buffers(model)
+            losses = model.train_step(labeled, unlabeled, step)
+            step += 1
+            elapsed = time.perf_counter() - tic
+            step_times.append(elapsed)
+            if step - start > 1:  # the first step holds one-off warm-up (allocations, cuDNN autotuning)
+                ema = elapsed if ema is None else 0.9 * ema + 0.1 * elapsed
+            for key, value in losses.items():
+                pending.setdefault(key, []).append(float(value))
+            last = step == config.max_steps
+            if rank == 0 and (step % log_every == 0 or last):
+                means = {k: round(float(np.mean(v)), 6) for k, v in pending.items()}
+                files.append_metrics({"type": "train", "step": step, "lr": lr, **means})
+                pending.clear()
+            now = time.perf_counter()
+            if last or step == start + 1 or now - last_emit >= PROGRESS_INTERVAL_S:
+                last_emit = now
+                per_step = ema if ema is not None else elapsed
+                emit({"type": "progress", "step": step, "total": config.max_steps,
+                      "losses": {k: round(float(v), 6) for k, v in losses.items()}, "lr": lr,
+                      "seconds_per_step": round(per_step, 4),
+                      "eta_s": round(per_step * (config.max_steps - step), 1)})
+            if step % config.val_every == 0 or last:
+                run_validation(step)
+            if step % config.checkpoint_every == 0 and not last:
+                checkpoint(step)
+        checkpoint(step)
+        timed = step_times[1:] or step_times
+        update_info(status="done", steps_done=step,
+                    seconds_per_step=round(float(np.median(timed)), 4) if timed else None)
+        emit({"type": "done", "run": run, "step": step})
+        return run, model
+    except BaseException as exc:
+        update_info(status="failed", steps_done=step, error=f"{type(exc).__name__}: {exc}"[:500])
+        raise
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

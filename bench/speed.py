@@ -1,0 +1,240 @@
+"""Training and inference speed of every registered method, per preset, on the real sample data.
+
+    python bench/speed.py                      # presets tiny and quick of every importable method
+    python bench/speed.py --presets tiny       # a few minutes on a laptop CPU
+    python bench/speed.py --presets la --device cuda --methods supervised
+
+Each (method, preset) runs in its own child process, so peak memory is that configuration's alone.  Measured:
+
+* training: seconds per step, median over ``--steps`` steps after ``--warmup`` steps, on one batch kept in memory
+  (compute only; the time to draw a batch is reported beside it);
+* inference: seconds for ``Method.pseudo_labels`` (every view) on a whole real volume of the brain-tissue sample;
+* peak resident memory of the process (``resource.getrusage``) and, on CUDA, peak allocated GPU memory.
+
+Prints a Markdown table and writes it to ``bench/results/speed-<host kind>.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DEFAULT_CASE = "itk_kmeans_t1"
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_rss_mib() -> float:
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return kib / 1024 / (1024 if sys.platform == "darwin" else 1)
+
+
+def measure(method: str, preset: str, *, device: str, steps: int, warmup: int, case: str) -> dict:
+    """One (method, preset): run in a fresh process (see :func:`main`)."""
+    import numpy as np
+    import torch
+
+    from backend.data import make_sampler
+    from backend.devices import pick_device
+    from backend.intensity import normalize_intensity
+    from backend.methods import get_method
+    from backend.project import Project
+    from backend.sample import sample_root
+    from backend.training import seed_everything
+
+    project = Project.open(sample_root() / "brain_tissue")
+    dev = pick_device(device)
+    cls = get_method(method)
+    config = cls.make_config(preset, num_classes=project.num_classes, max_steps=max(steps + warmup, 2))
+    seed_everything(0)
+    model = cls(config, dev)
+    sampler = make_sampler(project, config, project.labeled_cases(), project.unlabeled_cases(), seed=0, device=dev)
+    draw = []
+    for _ in range(10):
+        tic = time.perf_counter()
+        labeled, unlabeled = sampler.next()
+        _sync(dev)
+        draw.append(time.perf_counter() - tic)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    model.train()
+    times = []
+    for step in range(warmup + steps):
+        for optimizer in model.optimizers():
+            for group in optimizer.param_groups:
+                group["lr"] = model.lr_at(step)
+        _sync(dev)
+        tic = time.perf_counter()
+        model.train_step(labeled, unlabeled, step)
+        _sync(dev)
+        if step >= warmup:
+            times.append(time.perf_counter() - tic)
+    train_cuda = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None
+
+    image = project.read_image(case)
+    volume = torch.from_numpy(np.ascontiguousarray(normalize_intensity(image.array, project.modality)[None]))
+    model.eval()
+    if dev.type == "cuda":
+        model.pseudo_labels(volume)  # warm-up (cuDNN autotuning, allocator)
+        torch.cuda.reset_peak_memory_stats(dev)
+    _sync(dev)
+    tic = time.perf_counter()
+    views = model.pseudo_labels(volume)
+    _sync(dev)
+    infer_s = time.perf_counter() - tic
+    params = sum(p.numel() for m in model.modules().values() for p in m.parameters())
+    return {
+        "method": method, "preset": preset, "device": str(dev),
+        "patch": "x".join(map(str, config.patch_size)),
+        "batch": f"{config.batch_labeled}+{config.batch_unlabeled}",
+        "params_m": params / 1e6,
+        "step_s": float(np.median(times)), "steps": len(times),
+        "data_ms": float(np.median(draw)) * 1000,
+        "infer_s": infer_s, "infer_case": f"{case} {'x'.join(map(str, image.shape))}", "views": len(views),
+        "rss_gib": _peak_rss_mib() / 1024,
+        "cuda_train_gib": train_cuda,
+        "cuda_infer_gib": torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None,
+    }
+
+
+# ---- the parent: one child per configuration, a table at the end ---------------------------------------------------
+def host_kind(device: str) -> str:
+    import torch
+
+    from backend.devices import pick_device
+
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        return "cuda-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    if dev.type == "mps":
+        return "mps"
+    return f"cpu-{os.cpu_count()}core"
+
+
+def header(device: str) -> list[str]:
+    import monai
+    import torch
+
+    from backend.devices import pick_device
+
+    dev = pick_device(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "-"
+    return [
+        f"# Speed ({time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC)",
+        "",
+        f"- device: {dev} (GPU: {gpu}); CPU: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+        f"- python {platform.python_version()}, torch {torch.__version__}, MONAI {monai.__version__}, "
+        f"CUDA {torch.version.cuda or '-'}",
+        "- training: median seconds per step on one in-memory batch (after warm-up); data: median ms to draw a "
+        "batch; inference: every view of one whole volume; memory: peak of the process / of CUDA allocations",
+        "",
+    ]
+
+
+def table(rows: list[dict]) -> list[str]:
+    def num(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    lines = ["| method | preset | patch | batch L+U | params (M) | s/step | steps/s | data ms | inference s "
+             "| inference volume | peak RSS GiB | peak CUDA GiB train/infer |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['method']} | {r['preset']} | error: {r['error']} |" + " |" * 9)
+            continue
+        cuda = "-" if r["cuda_train_gib"] is None else f"{r['cuda_train_gib']:.2f} / {r['cuda_infer_gib']:.2f}"
+        lines.append(
+            f"| {r['method']} | {r['preset']} | {r['patch']} | {r['batch']} | {r['params_m']:.2f} "
+            f"| {num(r['step_s'], '.3f')} | {num(1 / r['step_s'], '.2f')} | {num(r['data_ms'], '.1f')} "
+            f"| {num(r['infer_s'], '.2f')} | {r['infer_case']} | {num(r['rss_gib'], '.2f')} | {cuda} |")
+    return lines
+
+
+def configurations(methods: list[str] | None, presets: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    from backend.methods import get_method, method_names
+
+    todo, notes = [], []
+    for name in methods or method_names():
+        try:
+            cls = get_method(name)
+        except (ImportError, AttributeError, KeyError) as exc:
+            notes.append(f"- {name}: not importable ({type(exc).__name__}: {exc})")
+            continue
+        for preset in presets:
+            if preset in cls.presets:
+                todo.append((name, preset))
+            else:
+                notes.append(f"- {name}: no preset '{preset}'")
+    return todo, notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", nargs="+", default=["tiny", "quick"])
+    p.add_argument("--methods", nargs="+", help="default: every registered method that imports")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--case", default=DEFAULT_CASE, help="brain_tissue case for whole-volume inference")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
+    p.add_argument("--child", nargs=2, metavar=("METHOD", "PRESET"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.child:
+        result = measure(*args.child, device=args.device, steps=args.steps, warmup=args.warmup, case=args.case)
+        print("@result " + json.dumps(result), flush=True)
+        return 0
+
+    todo, notes = configurations(args.methods, args.presets)
+    rows = []
+    for method, preset in todo:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", method, preset, "--device", args.device,
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--case", args.case]
+        print(f"measuring {method} / {preset} ...", file=sys.stderr, flush=True)
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            found = [line for line in done.stdout.splitlines() if line.startswith("@result ")]
+            if done.returncode != 0 or not found:
+                tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                rows.append({"method": method, "preset": preset, "error": tail[:120].replace("|", "/")})
+            else:
+                rows.append(json.loads(found[-1][len("@result "):]))
+        except subprocess.TimeoutExpired:
+            rows.append({"method": method, "preset": preset, "error": f"timed out after {args.timeout:.0f} s"})
+    text = "\n".join(header(args.device) + table(rows) + ([""] + notes if notes else [])) + "\n"
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"speed-{host_kind(args.device)}.md"
+    path.write_text(text)
+    print(f"written to {path}", file=sys.stderr)
+    return 0 if rows and all("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
