@@ -151,4 +151,8 @@ def _load_extensions() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m backend.cli`` runs this file as ``__main__``, a second copy of the module; the extension
+    # modules register into ``backend.cli``, so run that copy's main.
+    from backend.cli import main as _main
+
+    sys.exit(_main())

@@ -14,23 +14,7 @@ from pathlib import Path
 import backend.cli
 
 
-def _cli_modules() -> list:
-    """``backend.cli`` and, under ``python -m backend.cli``, the ``__main__`` copy of it whose registries its
-    ``main`` reads."""
-    modules = [backend.cli]
-    main = sys.modules.get("__main__")
-    if main is not None and main is not backend.cli and getattr(getattr(main, "__spec__", None), "name", None) \
-            == "backend.cli":
-        modules.append(main)
-    return modules
-
-
-def command(name: str):
-    def register(func):
-        for module in _cli_modules():
-            module.COMMANDS[name] = func
-        return func
-    return register
+command = backend.cli.command
 
 
 def _step(row: dict) -> str:
@@ -173,5 +157,4 @@ def _add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="print only the final state")
 
 
-for _module in _cli_modules():
-    _module.PARSER_EXTENSIONS.append(_add_parsers)
+backend.cli.PARSER_EXTENSIONS.append(_add_parsers)
