@@ -1,0 +1,112 @@
+"""What the evaluation benchmarks share: a real brain-tissue task with ground truth for every case, training +
+inference of a method, and held-out metrics.
+
+The sample project has only two volumes with GM/WM ground truth (``mni152_t1`` and ``itk_kmeans_t1``), too few for a
+labeled set, an unlabeled pool and a test split.  :func:`build_slab_task` cuts each real volume into axial slabs
+(each slab keeps its exact geometry: the origin moves along the slice normal) so that every slab is a case with a
+real reference label.  Slabs of one volume are correlated, which the reports say.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from backend.project import Project
+from backend.sample import reference_label_path, sample_root
+from backend.volume import Volume, read_volume
+
+SOURCES = ("mni152_t1", "itk_kmeans_t1")
+
+
+@dataclass
+class SlabTask:
+    project: Project
+    references: dict[str, Path]  # case -> ground-truth label file (kept outside the project)
+    test_cases: list[str]
+
+
+def _slab(volume: Volume, z0: int, z1: int) -> Volume:
+    origin = np.asarray(volume.origin) + volume.direction @ (np.array([0.0, 0.0, z0]) * np.asarray(volume.spacing))
+    return Volume(np.ascontiguousarray(volume.array[z0:z1]), volume.spacing, tuple(origin), volume.direction)
+
+
+def build_slab_task(dest: Path, slabs: int = 3, labeled: int = 1, test: int = 2, seed: int = 0) -> SlabTask:
+    """A project of ``2 * slabs`` real slab cases: ``labeled`` of them labeled, ``test`` held out (not in the
+    project at all), the rest unlabeled; every case's ground truth is returned in ``references``."""
+    shutil.rmtree(dest, ignore_errors=True)
+    root = sample_root() / "brain_tissue"
+    project = Project.create(dest, labels={0: "background", 1: "GM", 2: "WM"}, modality="MR", name="slabs")
+    refs_dir = dest.parent / f"{dest.name}-references"
+    shutil.rmtree(refs_dir, ignore_errors=True)
+    refs_dir.mkdir(parents=True)
+    cases: list[tuple[str, Volume, Volume]] = []
+    for source in SOURCES:
+        image = read_volume(root / "imagesTr" / f"{source}_0000.nii.gz")
+        ref_path = root / "labelsTr" / f"{source}.nii.gz"
+        label = read_volume(ref_path if ref_path.is_file() else reference_label_path("brain_tissue", source))
+        bounds = np.linspace(0, image.shape[0], slabs + 1).astype(int)
+        for i in range(slabs):
+            cases.append((f"{source}_slab{i}", _slab(image, bounds[i], bounds[i + 1]),
+                          _slab(label, bounds[i], bounds[i + 1])))
+    rng = random.Random(seed)
+    rng.shuffle(cases)
+    references: dict[str, Path] = {}
+    test_cases = [c[0] for c in cases[:test]]
+    test_dir = dest.parent / f"{dest.name}-test"
+    shutil.rmtree(test_dir, ignore_errors=True)
+    for index, (case, image, label) in enumerate(cases):
+        from backend.volume import write_volume
+
+        references[case] = write_volume(label, refs_dir / f"{case}.nii.gz")
+        if case in test_cases:
+            write_volume(image, test_dir / f"{case}_0000.nii.gz")
+            continue
+        is_labeled = index < test + labeled
+        project.add_case(case, image, label if is_labeled else None)
+    return SlabTask(project, references, test_cases)
+
+
+def evaluate_on_test(task: SlabTask, method: str, run: str, device: str = "auto") -> dict[str, float]:
+    """Mean Dice, Jaccard, HD95 and ASD (mm, MONAI) over the held-out slabs, foreground classes averaged."""
+    from backend.inference import load_trained
+    from backend.intensity import normalize_intensity
+    from backend.metrics import segmentation_metrics
+    import torch
+
+    project = task.project
+    model, _, _ = load_trained(project, method, run, device=device)
+    test_dir = project.root.parent / f"{project.root.name}-test"
+    rows = []
+    for case in task.test_cases:
+        image = read_volume(test_dir / f"{case}_0000.nii.gz")
+        volume = torch.from_numpy(normalize_intensity(image.array, project.modality))[None]
+        pred = model.predict(volume)
+        ref = read_volume(task.references[case]).array
+        rows.append(segmentation_metrics(pred, ref, project.num_classes, image.spacing[::-1])["mean"])
+    keys = ("dice", "jaccard", "hd95", "asd")
+    return {k: float(np.nanmean([np.nan if r[k] is None else r[k] for r in rows])) for k in keys}
+
+
+def machine_header() -> str:
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    return (f"machine: {platform.node()} | {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+            f"python {platform.python_version()}")
+
+
+def write_result(name: str, text: str) -> Path:
+    out = Path(__file__).resolve().parent / "results" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return out
+
+
+def dumps(data) -> str:
+    return json.dumps(data, indent=2, default=float)
