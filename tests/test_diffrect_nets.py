@@ -12,7 +12,8 @@ from backend.nets.diffrect_aug import gaussian_blur, strong_perturb, warp_image,
 from backend.nets.diffrect_lcc import (GUIDANCE_CHOICES, ImageEncoder, SemanticColoring, SemanticContextEmbedding,
                                        _palette_array, _refine_maximin, calibration_guidance, label_overlap,
                                        min_pairwise_distance, semantic_palette)
-from backend.nets.diffrect_lfr import LabelDecoder, LatentDenoiser, ddim_reverse, ddim_timesteps, latent_loss
+from backend.nets.diffrect_lfr import LabelDecoder, LatentDenoiser, latent_loss
+from backend.nets.diffusion import ddim_reverse, ddim_timesteps
 from backend.nets.diffusion import make_schedulers, q_sample
 from backend.nets.embeddings import SinusoidalEmbedding
 

@@ -72,7 +72,8 @@ from backend.nets.diffrect_aug import strong_perturb, warp_image, warp_label, we
 from backend.nets.diffrect_dropout import use_fast_dropout
 from backend.nets.diffrect_fuse import fused_for_inference
 from backend.nets.diffrect_lcc import GUIDANCE_CHOICES, calibration_guidance
-from backend.nets.diffrect_lfr import ddim_timesteps, latent_loss
+from backend.nets.diffrect_lfr import latent_loss
+from backend.nets.diffusion import ddim_timesteps
 from backend.nets.diffrect_model import Rectifier
 from backend.nets.diffusion import make_schedulers, q_sample, sample_timesteps
 from backend.nets.unet2d import UNET2D_FEATURES, unet2d

@@ -6,12 +6,12 @@
 * :class:`LabelDecoder`: ``y_r = Upsample(r)`` (eq. 12): the rectified latent back to class logits at the input
   resolution, with the skips of the conditioning label's B_sem stages (a U-Net decoder; the paper names only
   "Upsample", the published code uses this decoder).
-* :func:`ddim_timesteps` / :func:`ddim_reverse`: the progressive reverse diffusion of eq. 12 with DDIM steps.
+* the progressive reverse diffusion of eq. 12 is :func:`backend.nets.diffusion.ddim_reverse` (DDIM steps).
 * :func:`latent_loss`: eq. 9 / 11.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -85,45 +85,3 @@ def latent_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(pred.float(), target.float())
 
 
-def ddim_timesteps(num_train_steps: int, num_steps: int) -> list[int]:
-    """The ``num_steps`` timesteps visited by the reverse process, evenly spaced from ``T - 1`` down to 0
-    (``[9, 0]`` for T = 10 and 2 steps: the published code's respacing, and MONAI's DDIM timesteps)."""
-    if not 1 <= num_steps <= num_train_steps:
-        raise ValueError(f"sampling steps must be in [1, {num_train_steps}] (got {num_steps})")
-    steps = torch.linspace(num_train_steps - 1, 0, num_steps).round().long().tolist()
-    return sorted(set(steps), reverse=True)
-
-
-def ddim_reverse(alphas_cumprod: torch.Tensor, predict_x0: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 x_T: torch.Tensor, timesteps: Sequence[int], eta: float = 0.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """The progressive reverse diffusion of eq. 12 with an x0-predicting network, over ``timesteps``
-    (descending).  Each step ``t -> s`` (s the next timestep, or "clean" after the last):
-
-        x0 = predict_x0(x_t, t),   eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)
-        sigma = eta * sqrt((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s))
-        x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + sigma n,   n ~ N(0, I)
-
-    (Song et al. 2021, eq. 12; ``eta = 1`` is the stochastic DDPM step of the paper's eq. 12, ``eta = 0`` the
-    deterministic DDIM step of the published code).  Returns the last x0 prediction, the rectified feature r.
-
-    Written here rather than with ``backend.nets.diffusion.ddim_sample`` because MONAI's ``DDIMScheduler.step``
-    assumes a stride of ``T // num_steps`` between timesteps, which for T = 10 and the timesteps [9, 0] steps from
-    9 to 4 and then asks the network at t = 0 about a sample still at noise level 4."""
-    abar = alphas_cumprod.to(device=x_T.device, dtype=torch.float32)
-    x = x_T.float()
-    x0 = x
-    steps = list(timesteps)
-    for i, t in enumerate(steps):
-        t_batch = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
-        x0 = predict_x0(x, t_batch).float()
-        if i == len(steps) - 1:
-            break
-        a_t = abar[int(t)]
-        a_s = abar[int(steps[i + 1])]
-        eps = (x - a_t.sqrt() * x0) / (1.0 - a_t).sqrt()
-        sigma = eta * ((1.0 - a_s) / (1.0 - a_t) * (1.0 - a_t / a_s)).sqrt() if eta > 0 else torch.zeros_like(a_t)
-        x = a_s.sqrt() * x0 + (1.0 - a_s - sigma ** 2).clamp(min=0).sqrt() * eps
-        if eta > 0:
-            x = x + sigma * torch.randn(x.shape, device=x.device, generator=generator)
-    return x0

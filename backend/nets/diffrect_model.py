@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from backend.nets.diffrect_lcc import ImageEncoder, SemanticColoring, SemanticContextEmbedding
-from backend.nets.diffrect_lfr import LabelDecoder, LatentDenoiser, ddim_reverse
+from backend.nets.diffrect_lfr import LabelDecoder, LatentDenoiser
+from backend.nets.diffusion import ddim_reverse
 from backend.nets.embeddings import SinusoidalEmbedding
 
 
