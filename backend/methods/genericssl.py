@@ -1,0 +1,338 @@
+"""A&D / GenericSSL: Aggregating & Decoupling (Wang & Li, "Towards Generic Semi-Supervised Framework for Volumetric
+Medical Image Segmentation", NeurIPS 2023), a 3D method.
+
+One training iteration (Algorithm 1):
+
+1. EMA transfer ``theta = 0.99 theta + 0.01 (xi + psi) / 2`` (sec. 3.3; done first, as in the published code);
+2. SVDA on the labeled and unlabeled batches (:mod:`backend.nets.genericssl_svda`);
+3. noisy label ``y_t`` of the one-hot label (eq. 1); ``L_deno`` on ``D(xi)`` (eq. 2);
+4. DRS weights from ``D(xi)``'s per-class Dice (eq. 3-5) and ``L_diff`` on ``D(psi)`` (eq. 6);
+5. the domain-unbiased map by DDIM (10 steps, x0-prediction) and the class-unbiased map ``D(psi)`` on the
+   unlabeled batch, combined by Reparameterize & Smooth into the pseudo label (eq. 7);
+6. ``L_u`` on ``D(theta)`` (eq. 8); ``L = L_deno + L_diff + mu(t) L_u`` (eq. 9, mu = 10 with a Gaussian ramp-up).
+
+Speed and memory, at the same mathematics as the published implementation:
+
+* the DDIM loop runs without autograd; the image half of the diffusion stem's convolution is computed once per
+  batch and reused by all steps (:meth:`backend.nets.diffvnet.DiffVNet.diffusion_context`) -- nothing deeper is
+  step-invariant, since every encoder stage adds the embedding of ``t`` and the stem mixes ``y_t`` in before
+  its norm and ReLU;
+* ``D(psi)``'s class-unbiased map of the unlabeled batch is decoded (without gradient) from the same encoder pass
+  that trains ``D(theta)``, instead of a second encoder pass over the same input;
+* each of the three flows is back-propagated as soon as its loss is known (``L_deno``, then ``L_diff``, then
+  ``mu L_u``), so only one flow's autograd graph is alive at a time; gradients add up, so the update is the same
+  as one backward of eq. 9 (``split_backward``, on by default);
+* on CPU, batch-1 3x3x3 convolutions go to oneDNN instead of PyTorch's slow im2col path
+  (:func:`backend.nets.diffvnet.prefer_onednn`), and on CPUs with native bfloat16 the gradient-free DDIM loop
+  runs under bf16 autocast (``cpu_bf16_sampling``; the published code samples under fp16 autocast on GPU);
+  ``cpu_amp`` (opt-in) extends bf16 autocast to the whole step and inference.
+
+Differences from the published code, where the shared V-Net blocks decide: conv-norm-ReLU stages that add the
+time embedding once per stage (the published blocks are conv-ReLU-norm-dropout(0.1) with the embedding added
+after most convolutions), hence 55.4 M parameters for LASeg instead of 57.9 M.  MONAI's DDIM uses the
+published respaced timesteps (999, 888, ..., 0) but takes each step's previous cumulative alpha ``T / steps``
+(= 100) steps back rather than at the next sampled timestep.
+
+Views for review: ``diffusion`` (argmax of the DDIM map, domain-unbiased), ``difficulty`` (argmax of ``D(psi)``,
+class-unbiased) and ``combined`` (the RS pseudo label of eq. 7: the training target).  ``primary_view`` is
+``combined``; :meth:`GenericSSL.predict` returns the paper's inference path instead, ``D(theta)`` on the shared
+encoder ("only the diffusion encoder and D(theta) are used to generate the predictions", sec. 3.3), which is
+the network the pseudo labels train.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from backend.methods.base import BaseConfig, Method, argmax_uint8
+from backend.methods.rampups import gaussian_warmup
+from backend.nets.diffusion import (ddim_sample, from_signed, make_schedulers, q_sample, sample_timesteps,
+                                    to_signed)
+from backend.nets.diffvnet import DiffVNet, ema_transfer
+from backend.nets.genericssl_losses import DifficultyWeights, dice_ce, hard_dice
+from backend.nets.genericssl_rs import rs_pseudo_label, rs_scores
+from backend.nets.genericssl_svda import SVDAParams, svda
+
+
+@dataclasses.dataclass
+class GenericSSLConfig(BaseConfig):
+    """A&D hyper-parameters.  Defaults: the paper's (LASeg row of Table 8 for patch/lr/batch), and the published
+    code's where the paper is silent.  ``patch_size`` is ``(D, H, W)``: the paper's 112x112x80 (x, y, z) for
+    LASeg is ``(80, 112, 112)`` here."""
+
+    # data / optimisation (Table 8, LASeg; sec. 4.1: SGD, Nesterov, momentum 0.9, poly decay)
+    patch_size: tuple[int, ...] = (80, 112, 112)
+    batch_labeled: int = 4
+    batch_unlabeled: int = 4
+    lr: float = 1e-2
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 3e-5  # published code
+    # Diff-VNet
+    features: int = 32  # F (Table 8)
+    norm: str = "batch"  # published code
+    time_embed_dim: int = 128  # sinusoidal size, lifted to emb_dim by Linear-SiLU-Linear (published code)
+    emb_dim: int = 512
+    encoder_dropout: float = 0.5  # on the deepest encoder feature (published code: has_dropout)
+    decoder_dropout: float = 0.5  # before each decoder's output convolution
+    # diffusion (published code: T = 1000 linear betas, x0-prediction, DDIM 10 steps, x0 clipped to [-1, 1])
+    diffusion_steps: int = 1000
+    beta_schedule: str = "linear_beta"
+    ddim_steps: int = 10
+    clip_x0: bool = True
+    # SVDA (sec. 3.2: N_aug = 3; published ranges)
+    svda: bool = True
+    n_aug: int = 3
+    aug_prob: float = 0.7
+    rotation_deg: float = 15.0
+    scale_range: tuple[float, float] = (0.7, 1.0)
+    blur_sigma: tuple[float, float] = (0.7, 1.3)
+    brightness_range: tuple[float, float] = (0.7, 1.3)
+    contrast_range: tuple[float, float] = (0.7, 1.3)
+    gamma_range: tuple[float, float] = (0.7, 1.3)
+    # losses: L_DiceCE = (CE + Dice) / 2 (eq. 2); DRS (eq. 3-6); total (eq. 9)
+    lambda_ce: float = 0.5
+    lambda_dice: float = 0.5
+    dice_include_background: bool = False  # published code: Dice over foreground classes
+    drs_tau: int = 50
+    drs_alpha: float = 0.2  # 1/5
+    drs_mode: str = "ema"  # "ema": the published running average over ~tau iterations; "window": exact sums
+    mu: float = 10.0
+    rampup_steps: int | None = None  # Gaussian ramp-up length; None: max_steps (published: the whole run)
+    # RS (eq. 7) and EMA transfer
+    gumbel_tau: float = 1.0
+    smooth_kernel: int = 3
+    smooth_sigma: float = 1.0
+    ema_w: float = 0.99
+    # implementation
+    split_backward: bool = True  # back-propagate each flow's loss on its own (same gradients, 1/3 of the graphs)
+    cpu_bf16_sampling: bool = True  # DDIM sampling under bfloat16 autocast on CPUs with native bf16 (with amp)
+    cpu_amp: bool = False  # opt-in: bf16 autocast for the whole step and inference on CPUs with native bf16
+
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    # Table 8 (patch sizes in (D, H, W) = (z, y, x) order)
+    "la": {"num_classes": 2, "patch_size": (80, 112, 112), "lr": 1e-2, "batch_labeled": 4, "batch_unlabeled": 4},
+    "synapse": {"num_classes": 14, "patch_size": (64, 128, 128), "lr": 3e-2, "batch_labeled": 4,
+                "batch_unlabeled": 4},
+    "mmwhs": {"num_classes": 5, "patch_size": (128, 128, 128), "lr": 5e-3, "batch_labeled": 2,
+              "batch_unlabeled": 2},
+    "mms": {"num_classes": 4, "patch_size": (32, 128, 128), "lr": 1e-2, "batch_labeled": 4, "batch_unlabeled": 4},
+    # a few CPU minutes on a small project (~1.5 s per step on 2 cores)
+    "quick": {"features": 8, "patch_size": (32, 64, 64), "batch_labeled": 1, "batch_unlabeled": 1,
+              "time_embed_dim": 32, "emb_dim": 128, "ddim_steps": 5, "drs_tau": 20, "max_steps": 200,
+              "rampup_steps": 100, "checkpoint_every": 100, "val_every": 50, "sw_batch_size": 2},
+    # unit / learning tests
+    "tiny": {"features": 8, "patch_size": (32, 32, 32), "batch_labeled": 1, "batch_unlabeled": 1, "lr": 3e-2,
+             "time_embed_dim": 16, "emb_dim": 32, "ddim_steps": 3, "drs_tau": 10, "max_steps": 100,
+             "rampup_steps": 40, "encoder_dropout": 0.0, "decoder_dropout": 0.1, "checkpoint_every": 50,
+             "val_every": 50, "sw_batch_size": 4},
+}
+
+
+class GenericSSL(Method):
+    """A&D (Aggregating & Decoupling) on a Diff-VNet; see the module docstring."""
+
+    name = "genericssl"
+    dims = 3
+    config_class = GenericSSLConfig
+    presets = _PRESETS
+    views = ("diffusion", "difficulty", "combined")
+    primary_view = "combined"
+
+    def __init__(self, config: GenericSSLConfig, device: torch.device | str = "cpu"):
+        super().__init__(config, device)
+        c = config
+        self.net = self.to_device(DiffVNet(
+            c.in_channels, c.num_classes, c.features, c.norm, c.time_embed_dim, c.emb_dim,
+            c.encoder_dropout, c.decoder_dropout,
+        ))
+        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=c.lr, momentum=c.momentum,
+                                         weight_decay=c.weight_decay, nesterov=c.nesterov)
+        self.ddpm, self.ddim = make_schedulers(c.diffusion_steps, c.beta_schedule)
+        self.drs = DifficultyWeights(c.num_classes, c.drs_tau, c.drs_alpha, c.drs_mode, device=self.device)
+        self.svda_params = SVDAParams(c.n_aug, c.aug_prob, c.rotation_deg, tuple(c.scale_range),
+                                      tuple(c.blur_sigma), tuple(c.brightness_range), tuple(c.contrast_range),
+                                      tuple(c.gamma_range))
+
+    # ---- contract --------------------------------------------------------------------------------------------
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"diffvnet": self.net}
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer]
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"drs": self.drs.state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if "drs" in state:
+            self.drs.load_state_dict(state["drs"])
+
+    def mu_at(self, step: int) -> float:
+        """mu(t) of eq. 9: ``mu * exp(-5 (1 - t / L)^2)``, the Gaussian ramp-up."""
+        c = self.config
+        return gaussian_warmup(step, c.rampup_steps if c.rampup_steps is not None else c.max_steps, c.mu)
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """The base contract's (CUDA autocast) plus, opt-in (``cpu_amp``), bfloat16 on CPUs with native bf16:
+        the CPU counterpart of the published code's mixed-precision training."""
+        c = self.config
+        if self.device.type == "cpu":
+            return torch.bfloat16 if c.amp and c.cpu_amp and _cpu_bf16_supported() else None
+        return super().amp_dtype
+
+    # ---- pieces of the iteration -----------------------------------------------------------------------------
+    def _augment(self, image: torch.Tensor, label: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.config.svda:
+            return image, label
+        return svda(image, label, self.svda_params)
+
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        c = self.config
+        return dice_ce(logits, target, weights, c.lambda_dice, c.lambda_ce, c.dice_include_background)
+
+    def _partial_backward(self, loss: torch.Tensor) -> None:
+        """Backward of a part of eq. 9 (through the grad scaler when fp16 autocasting); the step comes later."""
+        if self.amp_dtype == torch.float16:
+            if self._scaler is None:
+                self._scaler = torch.amp.GradScaler(self.device.type)
+            self._scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def sampling_autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast for the gradient-free DDIM loop: the method's CUDA autocast is already active around it; on a
+        CPU with native bfloat16 (oneDNN), bf16 autocast when ``amp`` and ``cpu_bf16_sampling`` are on.  The
+        published code samples under fp16 autocast; the map only feeds the Gumbel-softmax of eq. 7."""
+        c = self.config
+        if self.device.type == "cpu" and c.amp and c.cpu_bf16_sampling and _cpu_bf16_supported():
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def ddim_x0(self, image: torch.Tensor) -> torch.Tensor:
+        """The domain-unbiased map ``p^{u;xi}``: DDIM from pure noise with ``D(xi)`` predicting x0 (clamped to
+        [-1, 1] each step, as the published sampler's ``clip_denoised``), ``[B, K, ...]`` float32."""
+        c, net = self.config, self.net
+        with self.sampling_autocast():
+            context = net.diffusion_context(image)  # step-invariant: computed once for all DDIM steps
+
+            def predict_x0(y_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                x0 = net.denoise_from_context(context, y_t, t).float()
+                return x0.clamp(-1.0, 1.0) if c.clip_x0 else x0
+
+            x_T = torch.randn((image.shape[0], c.num_classes, *image.shape[2:]), device=image.device)
+            return ddim_sample(self.ddim, predict_x0, x_T, c.ddim_steps)
+
+    def pseudo_label(self, x0: torch.Tensor, logits_psi: torch.Tensor) -> torch.Tensor:
+        """The RS pseudo label of eq. 7 (``[B, 1, ...]`` int64)."""
+        c = self.config
+        return rs_pseudo_label(x0, logits_psi, c.gumbel_tau, c.smooth_kernel, c.smooth_sigma)
+
+    # ---- training --------------------------------------------------------------------------------------------
+    def train_step(self, labeled: dict[str, torch.Tensor], unlabeled: dict[str, torch.Tensor],
+                   step: int) -> dict[str, float]:
+        c, net = self.config, self.net
+        ema_transfer(net.decoder_theta, net.decoder_xi, net.decoder_psi, c.ema_w)
+        self.optimizer.zero_grad(set_to_none=True)
+
+        x_l, y_l = self._augment(labeled["image"], labeled["label"].long())
+        x_u, _ = self._augment(unlabeled["image"])
+
+        # labeled flows: denoising (eq. 1-2) and difficulty-aware (eq. 3-6)
+        split = c.split_backward
+        with self.autocast():
+            y0 = to_signed(F.one_hot(y_l[:, 0], c.num_classes).movedim(-1, 1).float())
+            t = sample_timesteps(self.ddpm, y0.shape[0], y0.device)
+            y_t = q_sample(self.ddpm, y0, t)
+            p_l_xi = net.denoise(x_l, y_t, t)
+            loss_deno = self._loss(p_l_xi, y_l)
+            dice_xi = hard_dice(p_l_xi.detach(), y_l)
+            weights = self.drs.update(dice_xi)
+        if split:
+            self._partial_backward(loss_deno)
+            del p_l_xi
+        with self.autocast():
+            p_l_psi = net.psi(x_l)
+            loss_diff = self._loss(p_l_psi, y_l, weights)
+        if split:
+            self._partial_backward(loss_diff)
+            del p_l_psi
+
+        # unlabeled flow: pseudo labels (eq. 7) and D(theta) (eq. 8)
+        mu = self.mu_at(step)
+        with self.autocast():
+            x0_u = self.ddim_x0(x_u)
+            feats_u = net.encode_image(x_u)
+            with torch.no_grad():
+                p_u_psi = net.decoder_psi([f.detach() for f in feats_u])
+                pseudo = self.pseudo_label(x0_u, p_u_psi)
+            p_u_theta = net.decoder_theta(feats_u)
+            loss_u = self._loss(p_u_theta, pseudo)
+            loss_last = mu * loss_u if split else loss_deno + loss_diff + mu * loss_u
+        self.backward_and_step(loss_last, self.optimizer)
+
+        out = {
+            "loss": float(loss_deno.detach() + loss_diff.detach() + mu * loss_u.detach()),
+            "loss_deno": float(loss_deno.detach()),
+            "loss_diff": float(loss_diff.detach()),
+            "loss_u": float(loss_u.detach()),
+            "mu": mu,
+        }
+        for k, (w, d) in enumerate(zip(weights.tolist(), dice_xi.tolist())):
+            out[f"drs_w_{k}"] = w
+            out[f"dice_xi_{k}"] = d
+        return out
+
+    # ---- inference -------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _evaluating(self) -> Iterator[None]:
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            yield
+        finally:
+            self.net.train(was_training)
+
+    def _review_maps(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        c = self.config
+        x0 = self.ddim_x0(batch)
+        logits_psi = self.net.psi(batch).float()
+        return {
+            "diffusion": from_signed(x0),
+            "difficulty": torch.softmax(logits_psi, dim=1),
+            "combined": rs_scores(x0, logits_psi, c.gumbel_tau, c.smooth_kernel, c.smooth_sigma),
+        }
+
+    def pseudo_labels(self, volume: torch.Tensor) -> dict[str, np.ndarray]:
+        """The three views of one volume; the ``combined`` scores (eq. 7) are blended across sliding windows
+        before the argmax."""
+        with self._evaluating(), torch.no_grad():
+            maps = self.infer_volume(volume, self._review_maps)
+        return {view: argmax_uint8(maps[view]) for view in self.views}
+
+    def predict(self, volume: torch.Tensor) -> np.ndarray:
+        """``D(theta)`` on the shared encoder: the paper's inference path (not the ``combined`` view)."""
+        with self._evaluating(), torch.no_grad():
+            maps = self.infer_volume(volume, lambda b: {"theta": torch.softmax(self.net.theta(b).float(), dim=1)})
+        return argmax_uint8(maps["theta"])
+
+
+def _cpu_bf16_supported() -> bool:
+    """Whether oneDNN runs bfloat16 natively here (AVX512-BF16 / AMX); emulated bf16 would be slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+METHOD = GenericSSL
