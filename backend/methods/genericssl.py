@@ -29,9 +29,8 @@ Speed and memory, at the same mathematics as the published implementation:
 
 Differences from the published code, where the shared V-Net blocks decide: conv-norm-ReLU stages that add the
 time embedding once per stage (the published blocks are conv-ReLU-norm-dropout(0.1) with the embedding added
-after most convolutions), hence 55.4 M parameters for LASeg instead of 57.9 M.  MONAI's DDIM uses the
-published respaced timesteps (999, 888, ..., 0) but takes each step's previous cumulative alpha ``T / steps``
-(= 100) steps back rather than at the next sampled timestep.
+after most convolutions), hence 55.4 M parameters for LASeg instead of 57.9 M.  DDIM visits the published
+respaced timesteps (999, 888, ..., 0; :func:`backend.nets.diffusion.ddim_timesteps`).
 
 Views for review: ``diffusion`` (argmax of the DDIM map, domain-unbiased), ``difficulty`` (argmax of ``D(psi)``,
 class-unbiased) and ``combined`` (the RS pseudo label of eq. 7: the training target).  ``primary_view`` is
@@ -123,7 +122,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "mmwhs": {"num_classes": 5, "patch_size": (128, 128, 128), "lr": 5e-3, "batch_labeled": 2,
               "batch_unlabeled": 2},
     "mms": {"num_classes": 4, "patch_size": (32, 128, 128), "lr": 1e-2, "batch_labeled": 4, "batch_unlabeled": 4},
-    # a few CPU minutes on a small project (~1.5 s per step on 2 cores)
+    # a few CPU minutes on a small project (~2 s per step on one core, 200 steps)
     "quick": {"features": 8, "patch_size": (32, 64, 64), "batch_labeled": 1, "batch_unlabeled": 1,
               "time_embed_dim": 32, "emb_dim": 128, "ddim_steps": 5, "drs_tau": 20, "max_steps": 200,
               "rampup_steps": 100, "checkpoint_every": 100, "val_every": 50, "sw_batch_size": 2},
