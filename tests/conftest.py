@@ -35,3 +35,15 @@ def lesion_project(tmp_path):
     from backend.sample import copy_sample
 
     return copy_sample(tmp_path / "lesions", "lesions")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """For tests of tiny nets: one intra-op thread is as fast, and on a shared, loaded 2-core machine two threads
+    wait on each other at every one of a step's ~1000 small ops (measured: 0.3 s -> 4-10 s per tiny step)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,14 +13,7 @@ from backend.methods.diffrect import DiffRect, DiffRectConfig, pad_to_multiple
 from realdata import real_patch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These nets are tiny: one intra-op thread is as fast, and on a shared, loaded 2-core machine two threads
-    wait on each other at every one of the step's ~1000 small ops (measured: 0.3 s -> 4-10 s per tiny step)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny(**overrides) -> DiffRect:

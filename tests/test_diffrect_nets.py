@@ -23,14 +23,7 @@ KNOWN_OPTIMUM = {2: math.sqrt(3), 3: math.sqrt(2), 4: math.sqrt(2), 5: math.sqrt
                  7: 1.0010013, 8: 1.0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These nets are tiny: one intra-op thread is as fast, and on a shared, loaded 2-core machine two threads
-    wait on each other at every one of the step's ~1000 small ops (measured: 0.3 s -> 4-10 s per tiny step)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- semantic colouring scheme ---------------------------------------------------------------------------------
