@@ -264,16 +264,27 @@ def _save_checkpoint(files: _RunFiles, method: Method, method_name: str, step: i
     return files.checkpoint
 
 
+MIN_LABELED_TO_HOLD_OUT = 5
+"""Below this many labeled cases every one of them is trained on and validation runs on the training cases
+(``val_on_train``): in a review loop a clinician's freshly accepted correction must join training, and with two or
+three labeled cases holding one out would throw away a third to a half of the supervision.  From this size on, one
+case (picked by the seed) is held out, as the SSL papers validate on a held-out split."""
+
+
+def split_labeled(labeled: list[str], seed: int) -> tuple[list[str], list[str], bool]:
+    """``(train cases, validation cases, val_on_train)`` for a labeled set (see :data:`MIN_LABELED_TO_HOLD_OUT`)."""
+    if len(labeled) >= MIN_LABELED_TO_HOLD_OUT:
+        held = random.Random(seed).choice(labeled)
+        return [c for c in labeled if c != held], [held], False
+    return list(labeled), list(labeled), True
+
+
 def _split_cases(project: Project, seed: int) -> dict[str, Any]:
     """Labeled cases to train on and to validate on; every unlabeled case for the unlabeled stream."""
     labeled = project.labeled_cases()
     if not labeled:
         raise InputError(project.root, "no labeled case: label (accept) at least one case before training")
-    if len(labeled) >= 2:
-        held = random.Random(seed).choice(labeled)
-        train_cases, val_cases, val_on_train = [c for c in labeled if c != held], [held], False
-    else:
-        train_cases, val_cases, val_on_train = list(labeled), list(labeled), True
+    train_cases, val_cases, val_on_train = split_labeled(labeled, seed)
     return {"labeled_cases": train_cases, "val_cases": val_cases, "val_on_train": val_on_train,
             "unlabeled_cases": project.unlabeled_cases()}
 

@@ -22,7 +22,9 @@ from bench.common import build_slab_task, evaluate_on_test, machine_header, writ
 
 # budget -> (preset, steps)
 BUDGETS = {"smoke": ("tiny", 40), "small": ("quick", 400), "full": (None, None)}
-METHODS = ("supervised", "diffrect", "diffcl", "genericssl")
+METHODS = ("supervised", "supervised2d", "diffrect", "diffcl", "genericssl")
+# the labeled-only baseline each method is compared against: same dimensionality, same backbone family
+BASELINE = {"diffrect": "supervised2d", "diffcl": "supervised", "genericssl": "supervised"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,10 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--steps", type=int, help="override the budget's step count")
     args = parser.parse_args(argv)
     from backend.training import train
 
     preset, steps = BUDGETS[args.budget]
+    steps = args.steps or steps
     seeds = [int(s) for s in args.seeds.split(",")]
     results: dict[str, list[dict[str, float]]] = {}
     seconds: dict[str, float] = {}

@@ -82,15 +82,28 @@ def test_cancel_then_resume_matches_an_uninterrupted_run(small):
     assert losses(part) == losses(whole)  # same batches, same numbers, no duplicated lines
 
 
-def test_two_labeled_cases_hold_one_out_for_validation(tmp_path):
+def test_a_small_labeled_set_is_all_trained_on(tmp_path):
+    """Two labeled cases: both are trained on (a just-accepted correction must count), validation on them."""
     project = small_brain_project(tmp_path / "two", labeled=2)
     run = train(project, "supervised", preset="tiny", steps=1, device="cpu", overrides=FAST)
     info = json.loads((project.model_dir("supervised", run) / "run.json").read_text())
-    assert info["val_on_train"] is False and len(info["val_cases"]) == 1 and info["labeled_count"] == 1
-    assert sorted(info["val_cases"] + info["labeled_cases"]) == ["itk_kmeans_t1", "mni152_t1"]
+    assert info["val_on_train"] is True and info["labeled_count"] == 2
+    assert sorted(info["labeled_cases"]) == sorted(info["val_cases"]) == ["itk_kmeans_t1", "mni152_t1"]
     assert info["unlabeled_cases"] == ["colin27_ch2"]
     second = train(project, "supervised", preset="tiny", steps=1, device="cpu", overrides=FAST)
     assert second != run and len(second) >= len(run) and second[:8].isdigit()  # a fresh timestamped name
+
+
+def test_a_larger_labeled_set_holds_one_case_out_for_validation():
+    from backend.training import MIN_LABELED_TO_HOLD_OUT, split_labeled
+
+    few = [f"c{i}" for i in range(MIN_LABELED_TO_HOLD_OUT - 1)]
+    assert split_labeled(few, seed=0) == (few, few, True)
+    many = [f"c{i}" for i in range(MIN_LABELED_TO_HOLD_OUT)]
+    train_cases, val_cases, on_train = split_labeled(many, seed=0)
+    assert not on_train and len(val_cases) == 1 and val_cases[0] not in train_cases
+    assert sorted(train_cases + val_cases) == many
+    assert split_labeled(many, seed=0) == (train_cases, val_cases, on_train)  # the seed decides
 
 
 def test_bad_requests_fail_with_clear_errors(small, tmp_path):
