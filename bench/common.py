@@ -9,7 +9,9 @@ real reference label.  Slabs of one volume are correlated, which the reports say
 from __future__ import annotations
 
 import json
+import os
 import platform
+import re
 import random
 import shutil
 from dataclasses import dataclass
@@ -73,7 +75,13 @@ def build_slab_task(dest: Path, slabs: int = 3, labeled: int = 1, test: int = 2,
 
 
 def evaluate_on_test(task: SlabTask, method: str, run: str, device: str = "auto") -> dict[str, float]:
-    """Mean Dice, Jaccard, HD95 and ASD (mm, MONAI) over the held-out slabs, foreground classes averaged."""
+    """Dice, Jaccard, HD95 and ASD (mm, MONAI) over the held-out slabs and foreground classes.
+
+    Dice and Jaccard average every (slab, class).  A surface distance is undefined where a class is predicted
+    but absent from the reference or the other way round (an untrained model that predicts no WM at all):
+    HD95 and ASD average the defined pairs only, and ``undefined`` counts the others out of ``pairs``, so that
+    a model is not flattered by the classes it missed.
+    """
     from backend.inference import load_trained
     from backend.intensity import normalize_intensity
     from backend.metrics import segmentation_metrics
@@ -82,27 +90,62 @@ def evaluate_on_test(task: SlabTask, method: str, run: str, device: str = "auto"
     project = task.project
     model, _, _ = load_trained(project, method, run, device=device)
     test_dir = project.root.parent / f"{project.root.name}-test"
-    rows = []
+    per_pair: dict[str, list[float | None]] = {k: [] for k in ("dice", "jaccard", "hd95", "asd")}
     for case in task.test_cases:
         image = read_volume(test_dir / f"{case}_0000.nii.gz")
         volume = torch.from_numpy(normalize_intensity(image.array, project.modality))[None]
         pred = model.predict(volume)
         ref = read_volume(task.references[case]).array
-        rows.append(segmentation_metrics(pred, ref, project.num_classes, image.spacing[::-1])["mean"])
-    keys = ("dice", "jaccard", "hd95", "asd")
-    return {k: float(np.nanmean([np.nan if r[k] is None else r[k] for r in rows])) for k in keys}
+        metrics = segmentation_metrics(pred, ref, project.num_classes, image.spacing[::-1])
+        for key, values in per_pair.items():
+            values.extend(metrics[key].values())
+    out = {k: float(np.mean([v for v in vals if v is not None])) if any(v is not None for v in vals)
+           else float("nan") for k, vals in per_pair.items()}
+    out["undefined"] = sum(v is None for v in per_pair["hd95"])
+    out["pairs"] = len(per_pair["hd95"])
+    return out
 
 
-def machine_header() -> str:
+def host_kind(device: str = "auto") -> str:
+    """A file-name tag for the machine kind a table was measured on: ``cpu-2core``, ``cuda-nvidia-h200``, ``mps``."""
     import torch
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
-    return (f"machine: {platform.node()} | {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
-            f"python {platform.python_version()}")
+    from backend.devices import pick_device
+
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        return "cuda-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(dev).lower()).strip("-")
+    if dev.type == "mps":
+        return "mps"
+    return f"cpu-{os.cpu_count()}core"
 
 
-def write_result(name: str, text: str) -> Path:
-    out = Path(__file__).resolve().parent / "results" / name
+def machine_lines(device: str = "auto") -> list[str]:
+    """The Markdown header lines every table starts with: device, CPU, threads, versions."""
+    import monai
+    import torch
+
+    from backend.devices import pick_device
+
+    dev = pick_device(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "-"
+    return [f"- device: {dev} (GPU: {gpu}); CPU: {cpu}, {os.cpu_count()} cores, torch threads "
+            f"{torch.get_num_threads()}",
+            f"- python {platform.python_version()}, torch {torch.__version__}, MONAI {monai.__version__}, "
+            f"CUDA {torch.version.cuda or '-'}"]
+
+
+def write_result(name: str, text: str, folder: Path | None = None) -> Path:
+    """Write a table to ``folder`` (default ``bench/results/``); returns its path."""
+    out = (folder or Path(__file__).resolve().parent / "results") / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return out

@@ -4,7 +4,7 @@ On the brain-tissue slab task (bench/common.py), each round: train the method, i
 scores on the unlabeled slabs, then "review" K of them by accepting their reference labels, picked (a) lowest
 agreement first (what the review dock's table suggests) or (b) at random; report held-out Dice per round for both.
 
-Usage: python bench/review_loop.py [--method diffcl] [--rounds 3] [--k 1] [--budget smoke|small] [--seed 0]
+Usage: python bench/review_loop.py [--method diffrect] [--rounds 3] [--k 1] [--budget smoke|small] [--seed 0]
 """
 from __future__ import annotations
 
@@ -15,32 +15,37 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import build_slab_task, evaluate_on_test, machine_header, write_result  # noqa: E402
+from bench.common import build_slab_task, evaluate_on_test, machine_lines, write_result  # noqa: E402
 from bench.ssl_gain import BUDGETS  # noqa: E402
+from backend.review import review_rows  # noqa: E402
 
 
-def pick_cases(project, method: str, k: int, strategy: str, rng: random.Random) -> list[str]:
-    unlabeled = project.unlabeled_cases()
+def pick_cases(project, method: str, run: str, k: int, strategy: str, rng: random.Random) -> list[str]:
+    """The ``k`` unlabeled cases to review next: the top of the review dock's table for ``run``
+    (:func:`backend.review.review_rows`, lowest agreement first) or a random draw."""
     if strategy == "random":
+        unlabeled = project.unlabeled_cases()
         return rng.sample(unlabeled, min(k, len(unlabeled)))
-    cases = project.scores(method).get("cases", {})
-    return sorted(unlabeled, key=lambda c: (cases.get(c, {}).get("agreement_mean") or 0.0, c))[:k]
+    return [row["case"] for row in review_rows(project, {method: run}) if not row["labeled"]][:k]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", default="diffcl")
+    parser.add_argument("--method", default="diffrect")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--k", type=int, default=1)
     parser.add_argument("--budget", choices=BUDGETS, default="smoke")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, help="override the budget's step count")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, help="folder for the table (default bench/results)")
     args = parser.parse_args(argv)
     from backend.inference import infer
     from backend.training import train
     from backend.volume import read_volume
 
     preset, steps = BUDGETS[args.budget]
+    steps = args.steps or steps
     table: dict[str, list[tuple[int, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for strategy in ("lowest-agreement", "random"):
@@ -56,17 +61,17 @@ def main(argv: list[str] | None = None) -> int:
                 if round_ == args.rounds or not task.project.unlabeled_cases():
                     break
                 infer(task.project, args.method, run=run, device=args.device)
-                for case in pick_cases(task.project, args.method, args.k, strategy.split("-")[0], rng):
+                for case in pick_cases(task.project, args.method, run, args.k, strategy.split("-")[0], rng):
                     reference = read_volume(task.references[case])
                     task.project.accept(case, reference, source=f"reference ({strategy})")
     lines = [f"# Review loop: {args.method}, {args.budget} budget, K={args.k} per round, seed {args.seed}", "",
-             machine_header(), "", "| round | labeled | held-out Dice, lowest agreement first | held-out Dice, random |",
+             *machine_lines(), "", "| round | labeled | held-out Dice, lowest agreement first | held-out Dice, random |",
              "|---|---|---|---|"]
     for i, ((n, a), (_, b)) in enumerate(zip(table["lowest-agreement"], table["random"])):
         lines.append(f"| {i} | {n} | {a:.3f} | {b:.3f} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    print(f"written to {write_result(f'review_loop-{args.method}-{args.budget}.md', text)}")
+    print(f"written to {write_result(f'review_loop-{args.method}-{args.budget}.md', text, folder=args.out)}")
     return 0
 
 

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import re
 import resource
 import subprocess
 import sys
@@ -29,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from bench.common import host_kind, machine_lines, write_result  # noqa: E402
 
 DEFAULT_CASE = "itk_kmeans_t1"
 
@@ -114,46 +113,11 @@ def measure(method: str, preset: str, *, device: str, steps: int, warmup: int, c
 
 
 # ---- the parent: one child per configuration, a table at the end ---------------------------------------------------
-def host_kind(device: str) -> str:
-    import torch
-
-    from backend.devices import pick_device
-
-    dev = pick_device(device)
-    if dev.type == "cuda":
-        name = torch.cuda.get_device_name(dev)
-        return "cuda-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    if dev.type == "mps":
-        return "mps"
-    return f"cpu-{os.cpu_count()}core"
-
-
 def header(device: str) -> list[str]:
-    import monai
-    import torch
-
-    from backend.devices import pick_device
-
-    dev = pick_device(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "-"
-    return [
-        f"# Speed ({time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC)",
-        "",
-        f"- device: {dev} (GPU: {gpu}); CPU: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
-        f"- python {platform.python_version()}, torch {torch.__version__}, MONAI {monai.__version__}, "
-        f"CUDA {torch.version.cuda or '-'}",
-        "- training: median seconds per step on one in-memory batch (after warm-up); data: median ms to draw a "
-        "batch; inference: every view of one whole volume; memory: peak of the process / of CUDA allocations",
-        "",
-    ]
+    return [f"# Speed ({time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC)", "", *machine_lines(device),
+            "- training: median seconds per step on one in-memory batch (after warm-up); data: median ms to draw a "
+            "batch; inference: every view of one whole volume; memory: peak of the process / of CUDA allocations",
+            ""]
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -229,9 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"method": method, "preset": preset, "error": f"timed out after {args.timeout:.0f} s"})
     text = "\n".join(header(args.device) + table(rows) + ([""] + notes if notes else [])) + "\n"
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"speed-{host_kind(args.device)}.md"
-    path.write_text(text)
+    path = write_result(f"speed-{host_kind(args.device)}.md", text, folder=args.out)
     print(f"written to {path}", file=sys.stderr)
     return 0 if rows and all("error" not in r for r in rows) else 1
 

@@ -5,7 +5,7 @@ unlabeled, two held out), train ``supervised`` (labeled only) and each semi-supe
 unlabeled) with the same step budget and seeds, then report held-out Dice, Jaccard, HD95 and ASD (MONAI, mm):
 mean and spread over seeds.  ``--budget`` scales from a CPU smoke run (minutes) to a GPU run (hours).
 
-Usage: python bench/ssl_gain.py [--budget smoke|small|full] [--seeds 0,1] [--methods ...] [--device auto]
+Usage: python bench/ssl_gain.py [--budget smoke|small|full] [--seeds 0,1,2] [--methods ...] [--device auto]
 """
 from __future__ import annotations
 
@@ -18,21 +18,30 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import build_slab_task, evaluate_on_test, machine_header, write_result  # noqa: E402
+from bench.common import build_slab_task, evaluate_on_test, machine_lines, write_result  # noqa: E402
 
 # budget -> (preset, steps)
-BUDGETS = {"smoke": ("tiny", 40), "small": ("quick", 400), "full": (None, None)}
+BUDGETS = {"smoke": ("tiny", 100), "small": ("quick", 400), "full": (None, None)}
 METHODS = ("supervised", "supervised2d", "diffrect", "diffcl", "genericssl")
 # the labeled-only baseline each method is compared against: same dimensionality, same backbone family
 BASELINE = {"diffrect": "supervised2d", "diffcl": "supervised", "genericssl": "supervised"}
 
 
+def mean_spread(values: list[float]) -> str:
+    """``mean ± std`` over seeds (seeds where the value is undefined left out), or ``undefined``."""
+    values = np.asarray(values, dtype=float)
+    if np.isnan(values).all():
+        return "undefined"
+    return f"{np.nanmean(values):.3f} ± {np.nanstd(values):.3f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", choices=BUDGETS, default="smoke")
-    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, help="folder for the table (default bench/results)")
     parser.add_argument("--steps", type=int, help="override the budget's step count")
     args = parser.parse_args(argv)
     from backend.training import train
@@ -44,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         task = build_slab_task(Path(tmp) / "task")
-        print(f"task: {len(task.project.labeled_cases())} labeled, {len(task.project.unlabeled_cases())} unlabeled, "
-              f"{len(task.test_cases)} held-out slabs", flush=True)
+        task_line = (f"real brain-tissue slabs (GM/WM): {len(task.project.labeled_cases())} labeled, "
+                     f"{len(task.project.unlabeled_cases())} unlabeled, {len(task.test_cases)} held out "
+                     f"({', '.join(task.test_cases)}); mean ± std over seeds, foreground classes averaged")
+        print(task_line, flush=True)
         for method in args.methods.split(","):
             for seed in seeds:
                 start = time.perf_counter()
@@ -55,17 +66,21 @@ def main(argv: list[str] | None = None) -> int:
                 seconds[method] = seconds.get(method, 0.0) + time.perf_counter() - start
                 print(f"{method} seed {seed}: {results[method][-1]}", flush=True)
     lines = [f"# SSL gain ({args.budget} budget: preset {preset or 'paper'}, {steps or 'paper'} steps, "
-             f"seeds {seeds})", "", machine_header(), "",
-             "| method | Dice | Jaccard | HD95 (mm) | ASD (mm) | train+eval s |", "|---|---|---|---|---|---|"]
+             f"seeds {seeds})", "", *machine_lines(), f"- task: {task_line}", "",
+             "| method | Dice | vs its labeled-only baseline | Jaccard | HD95 (mm) | ASD (mm) | train+eval s |",
+             "|---|---|---|---|---|---|---|"]
+    dice = {m: np.nanmean([r["dice"] for r in rows]) for m, rows in results.items()}
     for method, rows in results.items():
-        cells = []
-        for key in ("dice", "jaccard", "hd95", "asd"):
-            values = np.array([r[key] for r in rows], dtype=float)
-            cells.append(f"{np.nanmean(values):.3f} ± {np.nanstd(values):.3f}")
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {seconds[method]:.0f} |")
+        cells = [mean_spread([r[key] for r in rows]) for key in ("dice", "jaccard", "hd95", "asd")]
+        undefined, pairs = sum(r["undefined"] for r in rows), sum(r["pairs"] for r in rows)
+        if undefined:
+            cells[2] += f" ({undefined}/{pairs} undefined)"
+        base = BASELINE.get(method)
+        gain = f"{dice[method] - dice[base]:+.3f} vs {base}" if base in dice else "-"
+        lines.append(f"| {method} | {cells[0]} | {gain} | " + " | ".join(cells[1:]) + f" | {seconds[method]:.0f} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    print(f"written to {write_result(f'ssl_gain-{args.budget}.md', text)}")
+    print(f"written to {write_result(f'ssl_gain-{args.budget}.md', text, folder=args.out)}")
     return 0
 
 
