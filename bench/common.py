@@ -8,7 +8,6 @@ real reference label.  Slabs of one volume are correlated, which the reports say
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import re
@@ -151,5 +150,9 @@ def write_result(name: str, text: str, folder: Path | None = None) -> Path:
     return out
 
 
-def dumps(data) -> str:
-    return json.dumps(data, indent=2, default=float)
+def mean_spread(values: list[float]) -> str:
+    """``mean ± std`` over seeds (seeds where the value is undefined left out), or ``undefined``."""
+    values = np.asarray(values, dtype=float)
+    if np.isnan(values).all():
+        return "undefined"
+    return f"{np.nanmean(values):.3f} ± {np.nanstd(values):.3f}"

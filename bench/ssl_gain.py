@@ -18,21 +18,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import build_slab_task, evaluate_on_test, machine_lines, write_result  # noqa: E402
+from bench.common import build_slab_task, evaluate_on_test, machine_lines, mean_spread, write_result  # noqa: E402
 
 # budget -> (preset, steps)
 BUDGETS = {"smoke": ("tiny", 100), "small": ("quick", 400), "full": (None, None)}
 METHODS = ("supervised", "supervised2d", "diffrect", "diffcl", "genericssl")
 # the labeled-only baseline each method is compared against: same dimensionality, same backbone family
 BASELINE = {"diffrect": "supervised2d", "diffcl": "supervised", "genericssl": "supervised"}
-
-
-def mean_spread(values: list[float]) -> str:
-    """``mean ± std`` over seeds (seeds where the value is undefined left out), or ``undefined``."""
-    values = np.asarray(values, dtype=float)
-    if np.isnan(values).all():
-        return "undefined"
-    return f"{np.nanmean(values):.3f} ± {np.nanstd(values):.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     for method, rows in results.items():
         cells = [mean_spread([r[key] for r in rows]) for key in ("dice", "jaccard", "hd95", "asd")]
         undefined, pairs = sum(r["undefined"] for r in rows), sum(r["pairs"] for r in rows)
-        if undefined:
+        if 0 < undefined < pairs:
             cells[2] += f" ({undefined}/{pairs} undefined)"
         base = BASELINE.get(method)
         gain = f"{dice[method] - dice[base]:+.3f} vs {base}" if base in dice else "-"

@@ -386,7 +386,8 @@ class TrainingDock(QWidget):
                     detail = "  (" + ", ".join(f"{k} {float(v):.3f}" for k, v in per_class.items()) + ")"
                     for name, value in per_class.items():
                         self.dice_plot.add_point(str(name), step, float(value))
-                self.dice_label.setText(f"Calibration Dice: {float(mean):.3f}{detail} at step {step}")
+                where = " on the training cases" if event.get("val_on_train") else ""
+                self.dice_label.setText(f"Calibration Dice: {float(mean):.3f}{detail} at step {step}{where}")
         elif kind == "checkpoint":
             self._say(f"checkpoint saved at step {event.get('step', self._last_step)}")
             self._refresh_models()

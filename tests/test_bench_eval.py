@@ -3,6 +3,7 @@ budget of a few steps (real subprocesses writing their tables)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,14 +76,19 @@ def test_ssl_gain_reports_every_method_against_its_baseline(tmp_path):
 @pytest.mark.slow
 def test_review_loop_grows_the_labeled_set_each_round_for_both_strategies(tmp_path):
     out = _bench("review_loop.py", "--method", "diffrect", "--rounds", "2", "--k", "1", "--steps", "2",
-                 "--device", "cpu", "--out", str(tmp_path))
+                 "--seeds", "0", "--device", "cpu", "--out", str(tmp_path))
     text = (tmp_path / "review_loop-diffrect-smoke.md").read_text()
     assert text.strip() in out
-    rows = [r for r in (_rows(text, str(i)) for i in range(3)) if r]
-    assert [int(r[0][1]) for r in rows] == [1, 2, 3]  # labeled cases per round
+    rows = [_rows(text, str(i)) for i in range(3)]
+    assert [int(row[1]) for (row,) in rows] == [1, 2, 3]  # labeled cases per round
     for (row,) in rows:
-        assert all(0.0 <= float(c) <= 1.0 for c in row[2:4])
-    assert "lowest agreement first" in out and "random round 2" in out
+        assert all(0.0 <= float(cell.split("±")[0]) <= 1.0 for cell in row[2:4])
+    assert "seed 0 random round 2" in out
+    # agreement vs truth: 3 then 2 unlabeled slabs scored per loop, two loops -> 10 pairs, 4 rounds with a pick
+    rho = re.search(r"over 10 \(slab, round, seed\) pairs: Spearman rho ([+-][0-9.]+|undefined)", text)
+    assert rho and (rho.group(1) == "undefined" or -1.0 <= float(rho.group(1)) <= 1.0)
+    hits = re.search(r"worst pseudo label in (\d) of 4 rounds \(chance ([0-9.]+)\)", text)
+    assert hits and 0 <= int(hits.group(1)) <= 4 and 5 / 12 <= float(hits.group(2)) <= 1.0  # 1/3, 1/3, 1/2, 1/2
 
 
 @pytest.mark.slow

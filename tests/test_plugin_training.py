@@ -61,6 +61,10 @@ def test_job_events_drive_progress_curves_and_dice(docks, monkeypatch):
     assert training.dice_label.text().startswith("Calibration Dice: 0.750")
     assert "GM 0.800" in training.dice_label.text()
     assert training.dice_plot.series["mean"] == [(30.0, 0.75)]
+    assert "training cases" not in training.dice_label.text()
+    training._show_event({"type": "validation", "step": 40, "dice": {"GM": 0.9, "WM": 0.8}, "mean": 0.85,
+                          "val_on_train": True})
+    assert training.dice_label.text().endswith("at step 40 on the training cases")
     training._show_event({"type": "error", "kind": "oom", "message": "CUDA out of memory", "traceback": "..."})
     assert not training._timer.isActive()
     assert errors and "CUDA out of memory" in errors[0] and "oom" in errors[0]
