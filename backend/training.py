@@ -40,7 +40,7 @@ from backend.data import CaseArrays, load_case, make_sampler
 from backend.devices import pick_device
 from backend.errors import InputError
 from backend.methods import get_method
-from backend.methods.base import Method
+from backend.methods.base import BaseConfig, Method
 from backend.metrics import dice_per_class
 from backend.project import Project, write_json_atomic
 
@@ -264,27 +264,23 @@ def _save_checkpoint(files: _RunFiles, method: Method, method_name: str, step: i
     return files.checkpoint
 
 
-MIN_LABELED_TO_HOLD_OUT = 5
-"""Below this many labeled cases every one of them is trained on and validation runs on the training cases
-(``val_on_train``): in a review loop a clinician's freshly accepted correction must join training, and with two or
-three labeled cases holding one out would throw away a third to a half of the supervision.  From this size on, one
-case (picked by the seed) is held out, as the SSL papers validate on a held-out split."""
-
-
-def split_labeled(labeled: list[str], seed: int) -> tuple[list[str], list[str], bool]:
-    """``(train cases, validation cases, val_on_train)`` for a labeled set (see :data:`MIN_LABELED_TO_HOLD_OUT`)."""
-    if len(labeled) >= MIN_LABELED_TO_HOLD_OUT:
+def split_labeled(labeled: list[str], seed: int, hold_out_from: int | None = 5
+                  ) -> tuple[list[str], list[str], bool]:
+    """``(train cases, validation cases, val_on_train)``: from ``hold_out_from`` labeled cases on one of them,
+    picked by ``seed``, is held out for validation; below that (or with None) every case is trained on and
+    validated on (see ``BaseConfig.hold_out_from``)."""
+    if hold_out_from is not None and len(labeled) >= max(2, hold_out_from):
         held = random.Random(seed).choice(labeled)
         return [c for c in labeled if c != held], [held], False
     return list(labeled), list(labeled), True
 
 
-def _split_cases(project: Project, seed: int) -> dict[str, Any]:
+def _split_cases(project: Project, config: BaseConfig) -> dict[str, Any]:
     """Labeled cases to train on and to validate on; every unlabeled case for the unlabeled stream."""
     labeled = project.labeled_cases()
     if not labeled:
         raise InputError(project.root, "no labeled case: label (accept) at least one case before training")
-    train_cases, val_cases, val_on_train = split_labeled(labeled, seed)
+    train_cases, val_cases, val_on_train = split_labeled(labeled, config.seed, config.hold_out_from)
     return {"labeled_cases": train_cases, "val_cases": val_cases, "val_on_train": val_on_train,
             "unlabeled_cases": project.unlabeled_cases()}
 
@@ -346,7 +342,7 @@ def train_method(project: Project | str | Path, method: str, *, preset: str | No
             config.max_steps = int(steps)
         if config.max_steps < 1:
             raise InputError(None, f"steps must be at least 1 (got {config.max_steps})")
-        split = _split_cases(project, config.seed)
+        split = _split_cases(project, config)
         if rank == 0:
             if run is None:
                 run = _new_run_name(project, method)

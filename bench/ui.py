@@ -43,7 +43,8 @@ TICK_MS = 10
 
 class Ticks:
     """A 10 ms ``QTimer``: the gaps between its ticks are the event loop's stalls (plus the 10 ms interval).
-    Each ``with ticks:`` block adds the gaps inside it, so scripted user actions in between are left out."""
+    Each ``with ticks:`` block (or ``start()`` ... ``stop()``) adds the gaps inside it, so scripted user actions in
+    between are left out."""
 
     def __init__(self) -> None:
         from qtpy.QtCore import QTimer
@@ -59,14 +60,20 @@ class Ticks:
         self.gaps.append(now - self._last)
         self._last = now
 
-    def __enter__(self) -> "Ticks":
+    def start(self) -> "Ticks":
         self._last = time.perf_counter()
         self.timer.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def stop(self) -> None:
         self.timer.stop()
-        self.gaps.append(time.perf_counter() - self._last)  # the gap still open when the block ends
+        self.gaps.append(time.perf_counter() - self._last)  # the gap still open when it stops
+
+    def __enter__(self) -> "Ticks":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
 
 
 def wait_for(signal, trigger: Callable[[], Any] | None = None, timeout: float = 120.0) -> tuple[float, tuple]:
@@ -183,18 +190,10 @@ def stall_stats(gaps: list[float]) -> dict[str, float]:
 
 
 def run_bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    import napari
-
-    from napari_semiseg.review_dock import ReviewDock
-    from napari_semiseg.training_dock import TrainingDock
+    from napari_semiseg.__main__ import open_viewer
 
     project, prep_s = prepare_project(workdir / "brain", args.methods, args.preset, args.steps)
-    viewer = napari.Viewer(title="napari-semiseg bench", show=True)
-    review = ReviewDock(viewer)
-    training = TrainingDock(viewer)
-    viewer.window.add_dock_widget(review, name="Review pseudo labels", area="right")
-    viewer.window.add_dock_widget(training, name="Train and infer", area="right", tabify=True)
-    review.parent().raise_()
+    viewer, review, training = open_viewer(show=True)  # the docks as `python -m napari_semiseg` lays them out
     review.advance_check.setChecked(False)  # the bench picks the cases itself
     draws = CanvasDraws(viewer)
     out: dict[str, Any] = {"prep_s": prep_s, "views": None, "gl": draws.renderer()}
@@ -207,7 +206,7 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             for case in cases:
                 shows.append(show_case(review, draws, case))
                 views = max(views, len(review.views))
-        out["show_first"], out["show_rest"] = shows[0], shows[1:]
+        out["show_first"], out["show_idle"] = shows[0], shows[1:]
 
         # a training job from the dock, as a user starts it
         if not training.choices.get("methods"):
@@ -225,18 +224,22 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             if time.perf_counter() - t0 > 300:
                 raise TimeoutError("the training job sent no progress in 300 s")
             turn(0.2)
+        def job_step() -> int:
+            return max(e.get("step", 0) for e in events)
+
         idle = Ticks()
+        first_step = job_step()
         with idle:
             turn(args.seconds)
         out["stall_training"] = stall_stats(idle.gaps)
-        out["job_steps"] = max(e.get("step", 0) for e in events)
+        out["job_steps"] = job_step() - first_step
 
         # reviewing while the job runs: show every case, accept the unlabeled ones
-        accepts = []
+        accepts, out["show_busy"] = [], []
         busy = Ticks()
         for case in cases:
             with busy:
-                out["show_rest"].append(show_case(review, draws, case))
+                out["show_busy"].append(show_case(review, draws, case))
             views = max(views, len(review.views))
             if not project.is_labeled(case):
                 accepts.append(accept_case(review, busy))
@@ -252,8 +255,10 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def report(args: argparse.Namespace, out: dict[str, Any]) -> str:
+    def ms(seconds: float) -> str:
+        return f"{seconds * 1000:.0f} ms"
+
     first_loaded, first_drawn = out["show_first"]
-    rest = np.array(out["show_rest"])
     accept = np.array(out["accept_s"])
     lines = [f"# napari plugin responsiveness ({time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC)", "",
              *machine_lines(),
@@ -261,23 +266,27 @@ def report(args: argparse.Namespace, out: dict[str, Any]) -> str:
              f"{', '.join(args.methods)}, {args.preset} preset, {args.steps} steps; prepared in "
              f"{sum(out['prep_s'].values()):.0f} s)",
              f"- display {os.environ.get('DISPLAY', '?')}, OpenGL renderer: {out['gl']}",
-             f"- training job for the stall rows: {args.train_method} / {args.train_preset} on cpu, "
-             f"{out['job_steps']} steps during the measurement", "",
-             "| what | n | median | p99 / max | note |", "|---|---|---|---|---|",
-             f"| open the project (table filled) | 1 | {out['open_s'] * 1000:.0f} ms | - | |",
-             f"| show the first case of the session, to `case_loaded` / to the first frame | 1 | "
-             f"{first_loaded * 1000:.0f} / {first_drawn * 1000:.0f} ms | - | builds napari's layer visuals |",
-             f"| show a case (image + all views + disagreement), to `case_loaded` | {len(rest)} | "
-             f"{np.median(rest[:, 0]) * 1000:.0f} ms | {rest[:, 0].max() * 1000:.0f} ms | layers reused |",
-             f"| same, to the first frame drawn | {len(rest)} | {np.median(rest[:, 1]) * 1000:.0f} ms | "
-             f"{rest[:, 1].max() * 1000:.0f} ms | |",
-             f"| accept a corrected label (validate, write, history) | {len(accept)} | "
-             f"{np.median(accept) * 1000:.0f} ms | {accept.max() * 1000:.0f} ms | during training |"]
-    for key, what in (("stall_training", f"event-loop gap, {args.seconds:.0f} s of a training job"),
-                      ("stall_reviewing", "event-loop gap, showing + accepting cases while the job trains")):
-        s = out[key]
-        lines.append(f"| {what} | {s['n']} | {s['p50']:.0f} ms | {s['p99']:.0f} / {s['max']:.0f} ms | "
-                     f"{s['over100']} gaps over 100 ms (timer {TICK_MS} ms) |")
+             f"- training job: {args.train_method} / {args.train_preset} on cpu, started from the training dock "
+             f"({out['job_steps']} steps in the {args.seconds:.0f} s of the stall measurement)",
+             "- show a case: from selecting it to `case_loaded` (image, every view, accepted label, disagreement "
+             "in the viewer) / to the next frame drawn", "",
+             "| what | n | median | max | note |", "|---|---|---|---|---|",
+             f"| open the project (table filled) | 1 | {ms(out['open_s'])} | - | |",
+             f"| show the first case of the session | 1 | {ms(first_loaded)} / {ms(first_drawn)} | - | "
+             "napari builds each layer's visual once |"]
+    for key, note in (("show_idle", "no job running, layers reused"), ("show_busy", "while the job trains")):
+        shown = np.array(out[key])
+        lines.append(f"| show a case | {len(shown)} | {ms(np.median(shown[:, 0]))} / {ms(np.median(shown[:, 1]))} "
+                     f"| {ms(shown[:, 0].max())} / {ms(shown[:, 1].max())} | {note} |")
+    lines.append(f"| accept a corrected label (validate, write, history) | {len(accept)} | {ms(np.median(accept))} "
+                 f"| {ms(accept.max())} | while the job trains |")
+    lines += ["", "Event-loop stalls: gaps between the ticks of a 10 ms timer.", "",
+              "| while | ticks | p50 | p99 | max | gaps over 100 ms |", "|---|---|---|---|---|---|"]
+    for key, what in (("stall_training", f"{args.seconds:.0f} s of a training job"),
+                      ("stall_reviewing", "showing and accepting cases while the job trains")):
+        st = out[key]
+        lines.append(f"| {what} | {st['n']} | {st['p50']:.0f} ms | {st['p99']:.0f} ms | {st['max']:.0f} ms "
+                     f"| {st['over100']} |")
     return "\n".join(lines) + "\n"
 
 

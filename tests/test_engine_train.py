@@ -95,15 +95,21 @@ def test_a_small_labeled_set_is_all_trained_on(tmp_path):
 
 
 def test_a_larger_labeled_set_holds_one_case_out_for_validation():
-    from backend.training import MIN_LABELED_TO_HOLD_OUT, split_labeled
+    from backend.methods import get_method
+    from backend.training import split_labeled
 
-    few = [f"c{i}" for i in range(MIN_LABELED_TO_HOLD_OUT - 1)]
+    few, many = [f"c{i}" for i in range(4)], [f"c{i}" for i in range(5)]
     assert split_labeled(few, seed=0) == (few, few, True)
-    many = [f"c{i}" for i in range(MIN_LABELED_TO_HOLD_OUT)]
     train_cases, val_cases, on_train = split_labeled(many, seed=0)
     assert not on_train and len(val_cases) == 1 and val_cases[0] not in train_cases
     assert sorted(train_cases + val_cases) == many
     assert split_labeled(many, seed=0) == (train_cases, val_cases, on_train)  # the seed decides
+    assert split_labeled(many, seed=0, hold_out_from=None) == (many, many, True)
+    # the papers train on every labeled case (their test split is separate); the demo presets use the default
+    assert get_method("genericssl").make_config("la").hold_out_from is None
+    assert get_method("diffcl").make_config("pancreas").hold_out_from is None
+    assert get_method("diffrect").make_config("acdc").hold_out_from is None
+    assert get_method("supervised2d").make_config("quick").hold_out_from == 5
 
 
 def test_bad_requests_fail_with_clear_errors(small, tmp_path):

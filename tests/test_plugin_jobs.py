@@ -6,12 +6,11 @@ Slow: each job imports torch and trains on real volumes in a child process.
 from __future__ import annotations
 
 import importlib.util
-import time
 from pathlib import Path
 
 import pytest
-from qtpy.QtCore import QTimer
 
+from bench.ui import Ticks  # the 10 ms timer whose tick gaps are the event loop's stalls
 from test_plugin_fixtures import docks  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.gui, pytest.mark.slow]
@@ -30,31 +29,6 @@ def _need_engine():
     reason = _engine_missing()
     if reason:
         pytest.skip(f"needs the training engine: {reason}")
-
-
-class Ticks:
-    """A 10 ms QTimer recording the gaps between its ticks: the event loop's stalls."""
-
-    def __init__(self) -> None:
-        self.gaps: list[float] = []
-        self._last = time.perf_counter()
-        self.timer = QTimer()
-        self.timer.setInterval(10)
-        self.timer.timeout.connect(self._tick)
-
-    def _tick(self) -> None:
-        now = time.perf_counter()
-        self.gaps.append(now - self._last)
-        self._last = now
-
-    def start(self) -> "Ticks":
-        self.gaps.clear()
-        self._last = time.perf_counter()
-        self.timer.start()
-        return self
-
-    def stop(self) -> None:
-        self.timer.stop()
 
 
 def _setup(training, steps: int, **overrides) -> list[dict]:

@@ -46,6 +46,12 @@ class BaseConfig:
     amp: bool = True  # autocast on CUDA (bf16 where supported, else fp16 with a grad scaler)
     channels_last: bool = True  # memory format on CUDA
     seed: int = 0
+    # Validation split (chosen; the papers train on every labeled case and score on a separate test split): from
+    # this many labeled cases on, one (picked by the seed) is held out for validation; below it, or with None,
+    # every labeled case is trained on and validation runs on them.  In a review loop a just-accepted correction
+    # then always joins training, and with 2-4 labeled cases nothing is taken away from the supervision.  The
+    # paper presets set None, as the papers do.
+    hold_out_from: int | None = 5
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

@@ -128,7 +128,7 @@ class DiffCLConfig(BaseConfig):
 
 
 def _paper(eta: float, hf: float, beta: float, **extra: Any) -> dict[str, Any]:
-    return {"eta": eta, "hf_threshold": hf, "beta1": beta, "beta2": beta, **extra}
+    return {"eta": eta, "hf_threshold": hf, "beta1": beta, "beta2": beta, "hold_out_from": None, **extra}
 
 
 _LA = {"patch_size": (80, 112, 112), "sw_overlap": 0.84}   # sliding-window stride 18 (x, y) of 112 (Sec. 5.1)

@@ -169,7 +169,7 @@ class DiffRect(Method):
         # the paper's ACDC setting (num_classes is set from the project by the engine)
         "acdc": dict(num_classes=4, patch_size=(256, 256), batch_labeled=3, batch_unlabeled=3, max_steps=30000,
                      lr=0.01, rect_start=1000, consistency_rampup=30000.0, checkpoint_every=1000,
-                     val_every=1000),
+                     val_every=1000, hold_out_from=None),
     }
 
     def __init__(self, config: DiffRectConfig, device: torch.device | str = "cpu"):

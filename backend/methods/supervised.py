@@ -73,7 +73,7 @@ class Supervised(Method):
                       lambda_ce=1.0, lambda_dice=1.0),
         # the SSL papers' LA setting: V-Net F=16, 112x112x80, batch 4 (2 labeled), lr 0.01, 6000 steps
         "la": dict(features=16, patch_size=(80, 112, 112), batch_labeled=2, batch_unlabeled=2, lr=0.01,
-                   max_steps=6000, checkpoint_every=500, val_every=500),
+                   max_steps=6000, checkpoint_every=500, val_every=500, hold_out_from=None),
     }
 
     def __init__(self, config: SupervisedConfig, device: torch.device | str = "cpu"):
@@ -134,7 +134,7 @@ class Supervised2D(Supervised):
                       max_steps=1000, checkpoint_every=200, val_every=250, lambda_ce=1.0, lambda_dice=1.0),
         # SSL4MIS's ACDC setting: 256x256, batch 24 (12 labeled), lr 0.01, 30000 steps
         "acdc": dict(patch_size=(256, 256), batch_labeled=12, batch_unlabeled=12, lr=0.01, max_steps=30000,
-                     checkpoint_every=1000, val_every=1000),
+                     checkpoint_every=1000, val_every=1000, hold_out_from=None),
     }
 
     def build_network(self) -> torch.nn.Module:
