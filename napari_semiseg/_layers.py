@@ -71,3 +71,19 @@ def _palette(index: int) -> tuple[float, float, float]:
         fallback = [(0.9, 0.1, 0.1), (0.1, 0.7, 0.2), (0.1, 0.3, 0.95), (0.95, 0.8, 0.1), (0.8, 0.2, 0.8)]
         return fallback[(index - 1) % len(fallback)]
     return tuple(float(c) for c in label_color(index))[:3]
+
+
+def set_if_changed(layer: Any, name: str, value: Any) -> None:
+    """Set ``layer.<name>`` only when the value changes.  napari re-slices and redraws a layer on every set, equal
+    or not (``scale`` also recomputes the viewer's extent from every layer), so re-setting the same scale, name
+    and opacity on each of a case's layers made showing a case cost many redraws of all of them."""
+    current = getattr(layer, name)
+    try:
+        if isinstance(value, (tuple, list, np.ndarray)) and not isinstance(current, dict):
+            same = np.array_equal(np.asarray(current), np.asarray(value))
+        else:
+            same = bool(current == value)
+    except (TypeError, ValueError):
+        same = False
+    if not same:
+        setattr(layer, name, value)

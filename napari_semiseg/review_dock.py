@@ -34,7 +34,7 @@ from backend.errors import InputError
 from backend.project import Project
 from backend.volume import Volume
 from napari_semiseg import _state
-from napari_semiseg._layers import geometry_metadata, label_colormap, layer_scale, single_colormap
+from napari_semiseg._layers import geometry_metadata, label_colormap, layer_scale, set_if_changed, single_colormap
 from napari_semiseg._state import ProjectState, alive, start_worker
 
 CORRECTION = "correction"
@@ -473,9 +473,9 @@ class ReviewDock(QWidget):
             layer = self._live(key)
             if data is None:  # this case has no such layer: hide it, empty (removing one costs more than a new one)
                 if layer is not None:
-                    layer.visible = False
+                    set_if_changed(layer, "visible", False)
                     layer.data = np.zeros((1, 1, 1), np.uint8)
-                    layer.name = f"{key} (none for this case)"
+                    set_if_changed(layer, "name", f"{key} (none for this case)")
                 return
             cmap_key = props.pop("cmap_key", None)
             if layer is not None and layer._type_string == kind:
@@ -484,7 +484,7 @@ class ReviewDock(QWidget):
                 if colormap is not None and getattr(layer, "_semiseg_cmap", None) != cmap_key:
                     layer.colormap = colormap
                 for name, value in props.items():
-                    setattr(layer, name, value)
+                    set_if_changed(layer, name, value)
             else:
                 add = self.viewer.add_image if kind == "image" else self.viewer.add_labels
                 layer = add(data, **props)
@@ -622,11 +622,11 @@ class ReviewDock(QWidget):
         else:
             layer.editable = False  # drops the undo history of the previous correction
             layer.data = data
-            layer.scale = layer_scale(image)
+            set_if_changed(layer, "scale", layer_scale(image))
             layer.metadata = meta
             if getattr(layer, "_semiseg_cmap", None) != ("classes", project.num_classes):
                 layer.colormap = label_colormap(project.num_classes)
-            layer.visible = True
+            set_if_changed(layer, "visible", True)
         layer._semiseg_cmap = ("classes", project.num_classes)
         layer.editable = True
         layer.selected_label = 1
@@ -634,7 +634,7 @@ class ReviewDock(QWidget):
         for name in self.views:
             other = self._live(name)
             if other is not None:
-                other.visible = False
+                set_if_changed(other, "visible", False)
         self.viewer.layers.selection.active = layer
         layer.mode = "paint"
         self._update_buttons()
