@@ -79,7 +79,7 @@ def set_if_changed(layer: Any, name: str, value: Any) -> None:
     and opacity on each of a case's layers made showing a case cost many redraws of all of them."""
     current = getattr(layer, name)
     try:
-        if isinstance(value, (tuple, list, np.ndarray)) and not isinstance(current, dict):
+        if isinstance(value, (tuple, list, np.ndarray)):
             same = np.array_equal(np.asarray(current), np.asarray(value))
         else:
             same = bool(current == value)
