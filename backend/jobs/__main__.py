@@ -12,8 +12,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("project_root")
     p.add_argument("job_id")
     args = parser.parse_args(argv)
+    from backend.jobs.process import lower_priority
     from backend.jobs.runner import run_job
 
+    lower_priority()
     return run_job(args.project_root, args.job_id)
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 WINDOWS = sys.platform == "win32"
 FDS_ENV = "SEMISEG_JOB_FDS"  # "train=<fd>,alive=<fd>": locked descriptors the child inherits (POSIX)
+NICE_ENV = "SEMISEG_JOB_NICE"  # how much lower a job's CPU priority is than its starter's (default JOB_NICENESS)
+JOB_NICENESS = 10
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder that holds ``backend``
 
 
@@ -30,6 +32,23 @@ def spawn(project_root: Path, job_id: str, log_path: Path, fds: dict[str, int]) 
     with open(log_path, "ab") as log:
         return subprocess.Popen([sys.executable, "-m", "backend.jobs", "run", str(project_root), job_id],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, **kwargs)
+
+
+def lower_priority() -> int:
+    """Lower this (child) process's CPU priority by ``$SEMISEG_JOB_NICE`` (default :data:`JOB_NICENESS`); returns
+    the increment applied.  A job is background work: where it shares the CPU cores with napari (a laptop, CI's
+    two cores), the viewer's event loop and its software rendering must win, and the job still gets every cycle
+    the viewer leaves idle.  Workers and torchrun ranks the job starts inherit it.  POSIX only; 0 elsewhere."""
+    if not hasattr(os, "nice"):  # pragma: no cover (Windows)
+        return 0
+    try:
+        increment = int(os.environ.get(NICE_ENV, JOB_NICENESS))
+    except ValueError:
+        increment = JOB_NICENESS
+    if increment <= 0:
+        return 0
+    os.nice(increment)
+    return increment
 
 
 def inherited_fds() -> dict[str, int]:
