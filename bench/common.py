@@ -23,6 +23,8 @@ from backend.sample import reference_label_path, sample_root
 from backend.volume import Volume, read_volume
 
 SOURCES = ("mni152_t1", "itk_kmeans_t1")
+# --budget of ssl_gain and review_loop -> (preset, steps); None: the paper's settings
+BUDGETS = {"smoke": ("tiny", 100), "small": ("quick", 400), "full": (None, None)}
 
 
 @dataclass

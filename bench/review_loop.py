@@ -7,8 +7,8 @@ mean and spread over seeds (each seed trains differently and draws its own rando
 
 It also measures the scores directly: after every inference, each unlabeled slab's agreement is paired with the
 true Dice of the method's primary pseudo label against the slab's reference.  Reported: Spearman's rank correlation
-over all those pairs, and how often the lowest-agreement slab was the slab with the worst pseudo label (chance:
-one in the number of unlabeled slabs).
+over all those pairs, and how often the lowest-agreement slab was a slab with the worst pseudo label (chance: the
+share of unlabeled slabs that tie for worst, averaged over rounds).
 
 Usage: python bench/review_loop.py [--method diffrect] [--rounds 2] [--k 1] [--budget smoke|small] [--seeds 0,1,2]
 """
@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import build_slab_task, evaluate_on_test, machine_lines, mean_spread, write_result  # noqa: E402
-from bench.ssl_gain import BUDGETS  # noqa: E402
+from bench.common import (BUDGETS, build_slab_task, evaluate_on_test, machine_lines, mean_spread,  # noqa: E402
+                          write_result)
 from backend.review import review_rows  # noqa: E402
 
 STRATEGIES = ("lowest-agreement", "random")

@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import build_slab_task, evaluate_on_test, machine_lines, mean_spread, write_result  # noqa: E402
+from bench.common import (BUDGETS, build_slab_task, evaluate_on_test, machine_lines, mean_spread,  # noqa: E402
+                          write_result)
 
-# budget -> (preset, steps)
-BUDGETS = {"smoke": ("tiny", 100), "small": ("quick", 400), "full": (None, None)}
 METHODS = ("supervised", "supervised2d", "diffrect", "diffcl", "genericssl")
 # the labeled-only baseline each method is compared against: same dimensionality, same backbone family
 BASELINE = {"diffrect": "supervised2d", "diffcl": "supervised", "genericssl": "supervised"}

@@ -196,7 +196,7 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     viewer, review, training = open_viewer(show=True)  # the docks as `python -m napari_semiseg` lays them out
     review.advance_check.setChecked(False)  # the bench picks the cases itself
     draws = CanvasDraws(viewer)
-    out: dict[str, Any] = {"prep_s": prep_s, "views": None, "gl": draws.renderer()}
+    out: dict[str, Any] = {"prep_s": prep_s, "gl": draws.renderer()}
     try:
         opened, _ = wait_for(review.table_refreshed, lambda: review.open_project(project.root))
         out["open_s"] = opened
