@@ -144,7 +144,10 @@ def _extend(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", required=True, help=_METHODS_HELP)
     p.add_argument("--preset", default="quick",
                    help="preset of the method (tiny, quick, or a paper setting; 'paper' for the paper defaults)")
-    p.add_argument("--steps", type=int, help="training steps (default: the preset's)")
+    p.add_argument("--steps", type=int,
+                   help="training steps (default: the preset's); every schedule tied to the run length (lr decay, "
+                        "ramp-ups, the step a loss or branch switches on) is rescaled with it, so a shortened run "
+                        "is a shortened paper run; with --resume it extends the run instead")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes (torch.distributed)")
     p.add_argument("--run", help="run name (new run), or the run to continue with --resume")

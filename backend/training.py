@@ -338,8 +338,8 @@ def train_method(project: Project | str | Path, method: str, *, preset: str | No
         config = cls.make_config(preset, **overrides)
         config.num_classes = project.num_classes
         config.in_channels = 1
-        if steps is not None:
-            config.max_steps = int(steps)
+        if steps is not None:  # a shortened (or longer) paper run: every run-length schedule scales with it
+            config = config.with_steps(int(steps))
         if config.max_steps < 1:
             raise InputError(None, f"steps must be at least 1 (got {config.max_steps})")
         split = _split_cases(project, config)

@@ -52,6 +52,33 @@ class BaseConfig:
     # then always joins training, and with 2-4 labeled cases nothing is taken away from the supervision.  The
     # paper presets set None, as the papers do.
     hold_out_from: int | None = 5
+    # Preprocessing of the paper preset (None: the volume as stored).  ``target_spacing`` (x, y, z) mm resamples
+    # every case to that grid before training and inference (pseudo labels are resampled back to the case's own
+    # grid); ``intensity_window`` (lo, hi) clips intensities before normalisation (e.g. the CT window of a paper).
+    target_spacing: tuple[float, float, float] | None = None
+    intensity_window: tuple[float, float] | None = None
+
+    # Config fields counted in training steps that belong to the run length (ramp-ups, the step a loss switches
+    # on, ...): :meth:`with_steps` rescales them so that a shortened run is a shortened paper run.  Methods
+    # extend this tuple with their own schedule fields.
+    run_length_fields: ClassVar[tuple[str, ...]] = ()
+
+    def with_steps(self, steps: int) -> "BaseConfig":
+        """A copy that trains for ``steps`` steps, every field of :attr:`run_length_fields` scaled by
+        ``steps / max_steps`` (rounded, at least 1 where it was positive), so each schedule keeps its place
+        relative to the run's end."""
+        steps = int(steps)
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1 (got {steps})")
+        ratio = steps / self.max_steps
+        changes: dict[str, Any] = {"max_steps": steps}
+        for name in self.run_length_fields:
+            value = getattr(self, name)
+            scaled = value * ratio
+            changes[name] = max(1, int(round(scaled))) if value > 0 else value
+            if isinstance(value, float):
+                changes[name] = float(scaled)
+        return dataclasses.replace(self, **changes)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
