@@ -41,7 +41,7 @@ class BaseConfig:
     poly_power: float = 0.9  # lr = base_lr * (1 - step / max_steps) ** poly_power (SSL4MIS / nnU-Net)
     checkpoint_every: int = 500
     val_every: int = 200
-    sw_overlap: float = 0.5  # sliding-window overlap at inference (3D)
+    sw_overlap: float | tuple[float, ...] = 0.5  # sliding-window overlap at inference (3D); per axis (D, H, W) as MONAI
     sw_batch_size: int = 4
     amp: bool = True  # autocast on CUDA (bf16 where supported, else fp16 with a grad scaler)
     channels_last: bool = True  # memory format on CUDA
