@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
+import secrets
 import warnings
 from pathlib import Path
 
@@ -43,6 +43,11 @@ def strip_suffix(path: str | Path) -> str:
     """File name without its format suffix: ``case_0000.nii.gz`` -> ``case_0000``."""
     name = Path(path).name
     return name[: len(name) - len(suffix_of(name))] if suffix_of(name) else name
+
+
+def format_mm(values) -> str:
+    """``(1.5, 0.9766, 3)``: plain numbers for messages (numpy 2 would print ``np.float64(1.5)``)."""
+    return "(" + ", ".join(f"{float(v):.6g}" for v in np.ravel(values)) + ")"
 
 
 @dataclasses.dataclass
@@ -90,7 +95,7 @@ class Volume:
         for name in ("spacing", "origin"):
             a, b = np.asarray(getattr(self, name)), np.asarray(getattr(other, name))
             if not np.allclose(a, b, atol=tol, rtol=0):
-                return f"{name} {tuple(np.round(b, 4))} differs from {tuple(np.round(a, 4))}"
+                return f"{name} {format_mm(b)} differs from {format_mm(a)}"
         if not np.allclose(self.direction, other.direction, atol=tol, rtol=0):
             return "direction differs"
         return None
@@ -151,7 +156,7 @@ def read_volume(path: str | Path, *, key: str = "image", series_uid: str | None 
     if volume.array.ndim != 3:
         raise InputError(path, f"{volume.array.ndim}D image of shape {volume.array.shape}; a 3D volume is expected")
     if min(volume.spacing) <= 0 or not np.all(np.isfinite(volume.spacing)):
-        raise InputError(path, f"invalid voxel spacing {volume.spacing}")
+        raise InputError(path, f"invalid voxel spacing {format_mm(volume.spacing)}")
     return volume
 
 
@@ -222,11 +227,47 @@ def _read_dicom(folder: Path, series_uid: str | None) -> Volume:
     elif series_uid not in series:
         raise InputError(folder, f"no DICOM series {series_uid} (found {', '.join(series)})")
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid))
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid)
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
     image = reader.Execute()
     if image.GetDimension() != 3 or image.GetSize()[2] < 2:
         raise InputError(folder, "the DICOM series holds a single slice; a 3D volume is expected")
+    _check_slice_spacing(folder, reader, image)
     return Volume.from_sitk(image)
+
+
+SLICE_GAP_TOLERANCE = 0.01  # relative: slice positions may deviate 1 % of the slice distance (rounding in headers)
+
+
+def _check_slice_spacing(folder: Path, reader, image) -> None:
+    """Refuse a series whose slices are not evenly spaced (a missing slice, a gap, a mixed series).
+
+    SimpleITK stacks the slices with one spacing (the mean), which would silently misplace every slice after a
+    gap; resampling would invent data, so the series is refused with the distances found.
+    """
+    count = image.GetSize()[2]
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    normal = direction[:, 2]
+    positions = []
+    for k in range(count):
+        key = "0020|0032"  # Image Position (Patient)
+        if not reader.HasMetaDataKey(k, key):
+            return  # no per-slice position (not a classic slice series): nothing to check against
+        try:
+            positions.append(float(np.dot(normal, [float(v) for v in reader.GetMetaData(k, key).split("\\")])))
+        except ValueError:
+            raise InputError(folder, f"slice {k + 1} has an unreadable position '{reader.GetMetaData(k, key)}'")
+    gaps = np.diff(np.asarray(positions))
+    step = float(np.median(np.abs(gaps)))
+    if step <= 0:
+        raise InputError(folder, "two slices of the DICOM series share one position (a duplicated slice?)")
+    bad = np.flatnonzero(np.abs(np.abs(gaps) - step) > SLICE_GAP_TOLERANCE * step)
+    if bad.size or np.any(np.sign(gaps) != np.sign(gaps[0])):
+        k = int(bad[0]) if bad.size else 0
+        raise InputError(folder, f"non-uniform slice spacing: slices {k + 1} and {k + 2} are {abs(gaps[k]):.4g} mm "
+                                 f"apart, the others {step:.4g} mm (a missing slice?); {count} slices found. "
+                                 f"Re-export the complete series, or resample it to a uniform grid first")
 
 
 def _read_h5(path: Path, key: str) -> Volume:
@@ -265,15 +306,16 @@ def write_volume(volume: Volume, path: str | Path, *, metadata: dict[str, str] |
     if suffix not in NIFTI_SUFFIXES + ITK_SUFFIXES or suffix in (".mhd", ".nhdr"):
         raise InputError(path, f"cannot write '{suffix}' (write .nii.gz, .nii, .nrrd, .seg.nrrd or .mha)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # A fresh random name created by the writer itself: the file gets the umask's mode (mkstemp forces 0600).
+    tmp = path.parent / f".tmp-{secrets.token_hex(8)}{suffix}"
     try:
         if suffix in NIFTI_SUFFIXES:
             _write_nifti(volume, tmp)
         else:
             _write_itk(volume, tmp, metadata or {})
+        fsync_file(tmp)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise InputError(path, f"cannot write ({exc.strerror or exc})") from exc
@@ -281,6 +323,29 @@ def write_volume(volume: Volume, path: str | Path, *, metadata: dict[str, str] |
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a written file to the disk (so a rename after it never exposes an empty or partial file)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a folder's entries (a rename into it) to the disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _write_nifti(volume: Volume, path: Path) -> None:
