@@ -112,19 +112,22 @@ def selective_scan_torch(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, 
     chunks = (length + pad) // T
     log_decay = log_decay.view(b, d, chunks, T, n)
     drive = drive.view(b, d, chunks, T, n)
-    decay = torch.exp(log_decay)
-    state = drive[:, :, :, 0]
+    # unbind once: indexing step t inside the loop would make autograd build a full-size zero gradient per step
+    decays = torch.exp(log_decay).unbind(3)
+    drives = drive.unbind(3)
+    state = drives[0]
     local = [state]
     for t in range(1, T):                                                 # 1. within chunks, all chunks at once
-        state = decay[:, :, :, t] * state + drive[:, :, :, t]
+        state = decays[t] * state + drives[t]
         local.append(state)
     h = torch.stack(local, dim=3)                                         # [b, d, c, T, n]
     if chunks > 1:
         S = torch.cumsum(log_decay, dim=3)
         total = torch.exp(S[:, :, :, -1])                                  # [b, d, c, n]
+        totals, ends = total.unbind(2), h[:, :, :, -1].unbind(2)
         carried = [h.new_zeros(b, d, n)]
         for c in range(chunks - 1):                                        # 2. across chunks
-            carried.append(total[:, :, c] * carried[-1] + h[:, :, c, -1])
+            carried.append(totals[c] * carried[-1] + ends[c])
         h_in = torch.stack(carried, dim=2)                                 # [b, d, c, n]
         h = h + torch.exp(S) * h_in[:, :, :, None]                         # 3. join
     y = (h * c_t.view(b, 1, chunks, T, n)).sum(-1).reshape(b, d, chunks * T)
