@@ -35,7 +35,14 @@ def format_event(event: dict[str, Any]) -> str | None:
     kind = event.get("type")
     if kind == "start":
         if "cases" in event:
-            return f"infer {event['method']} run {event['run']}: {event['total']} cases on {event['device']}"
+            model = event.get("model") or {}
+            how = ""
+            if model:
+                dice = "" if model.get("dice") is None else f", validation Dice {model['dice']:.3f}"
+                how = (f" ({model['checkpoint']} checkpoint, step {model['step']}{dice}; "
+                       f"{'run named' if model['chosen_by'] == 'named' else 'best run by validation'})")
+            return (f"infer {event['method']} run {event['run']}{how}: {event['total']} cases on "
+                    f"{event['device']}")
         resumed = f", resumed at step {event['step']}" if event.get("resumed") else ""
         procs = f" x{event['world_size']}" if event.get("world_size", 1) > 1 else ""
         return (f"train {event['method']} ({event.get('preset') or 'paper defaults'}) run {event['run']} on "
@@ -118,7 +125,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
             "run": args.run, "resume": False, "nproc": 1})
     from backend.inference import infer
 
-    infer(project, args.method, run=args.run, device=args.device, cases=args.cases or None, on_event=_print_event)
+    infer(project, args.method, run=args.run, device=args.device, cases=args.cases or None, on_event=_print_event,
+          checkpoint=args.checkpoint)
     print()
     print(format_case_table(project.case_table()))
     return 0
@@ -145,9 +153,10 @@ def _extend(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="quick",
                    help="preset of the method (tiny, quick, or a paper setting; 'paper' for the paper defaults)")
     p.add_argument("--steps", type=int,
-                   help="training steps (default: the preset's); every schedule tied to the run length (lr decay, "
-                        "ramp-ups, the step a loss or branch switches on) is rescaled with it, so a shortened run "
-                        "is a shortened paper run; with --resume it extends the run instead")
+                   help="training steps (default: the preset's). It rescales every schedule tied to the run "
+                        "length (lr decay, consistency ramp-ups, the step a loss or branch switches on, e.g. "
+                        "DiffRect's rectification start) by steps / the preset's steps, so a shortened run is a "
+                        "shortened paper run; with --resume it extends the run instead (schedules kept)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes (torch.distributed)")
     p.add_argument("--run", help="run name (new run), or the run to continue with --resume")
@@ -157,7 +166,9 @@ def _extend(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("infer", help="write pseudo labels and agreement scores for the unlabeled cases")
     p.add_argument("project", type=Path)
     p.add_argument("--method", required=True, help=_METHODS_HELP)
-    p.add_argument("--run", help="trained run to use (default: the latest)")
+    p.add_argument("--run", help="trained run to use (default: the run with the best validation Dice)")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best",
+                   help="the run's checkpoint: 'best' (highest validation Dice, the default) or 'last' step")
     p.add_argument("--device", default="auto")
     p.add_argument("--cases", nargs="+", help="only these cases (default: every unlabeled case)")
     p.add_argument("--background", action="store_true", help="run as a background job and print its id")

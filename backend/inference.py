@@ -26,17 +26,26 @@ from backend.methods import get_method
 from backend.methods.base import Method
 from backend.metrics import agreement, volumes_ml
 from backend.project import Project, write_json_atomic
-from backend.training import latest_run, load_checkpoint
+from backend.training import best_run, load_checkpoint, run_checkpoint
 from backend.volume import write_volume
 
 
-def load_trained(project: Project, method: str, run: str | None = None, device: str = "auto"
-                 ) -> tuple[Method, str, dict[str, Any]]:
-    """``(method instance in eval mode, run name, run.json)`` of a trained run (the latest when ``run`` is None)."""
+def load_trained(project: Project, method: str, run: str | None = None, device: str = "auto",
+                 checkpoint: str = "best") -> tuple[Method, str, dict[str, Any]]:
+    """``(method instance in eval mode, run name, run.json)`` of a trained run.
+
+    ``run`` None: the run with the best validation Dice (:func:`backend.training.best_run`).  ``checkpoint``
+    ``"best"`` loads the run's ``best.pt`` when it has one (else its last checkpoint), ``"last"`` the last
+    checkpoint.  What was chosen is added to the returned info as ``"loaded": {"run", "chosen_by",
+    "checkpoint", "step", "dice"}`` (``chosen_by``: ``"best validation"`` or ``"named"``).
+    """
     cls = get_method(method)
-    run = run or latest_run(project, method)
+    chosen_by = "named" if run else "best validation"
+    run = run or best_run(project, method)
+    if run is None:
+        raise InputError(project.semiseg / "models" / method, f"no trained run of '{method}' (train it first)")
     folder = project.model_dir(method, run)
-    path = folder / "checkpoint.pt"
+    path = run_checkpoint(project, method, run, checkpoint)
     if not path.is_file():
         raise InputError(folder, f"run '{run}' of '{method}' has no checkpoint")
     state = load_checkpoint(path)
@@ -46,20 +55,28 @@ def load_trained(project: Project, method: str, run: str | None = None, device: 
     model.eval()
     run_json = folder / "run.json"
     info = json.loads(run_json.read_text()) if run_json.is_file() else {}
+    best = info.get("best") or {}
+    which = "best" if path.name == "best.pt" else "last"
+    dice = best.get("dice") if which == "best" else (info.get("last_validation") or {}).get("mean")
+    info["loaded"] = {"run": run, "chosen_by": chosen_by, "checkpoint": which, "step": int(state["step"]),
+                      "dice": dice}
     return model, run, info
 
 
 def infer(project: Project | str | Path, method: str, *, run: str | None = None, device: str = "auto",
           cases: list[str] | None = None, on_event: Callable[[dict], None] | None = None,
-          should_stop: Callable[[], bool] | None = None) -> str:
+          should_stop: Callable[[], bool] | None = None, checkpoint: str = "best") -> str:
     """Write pseudo labels and ``scores.json`` for every unlabeled case (or ``cases``); return the run name.
 
+    The model: ``run`` (default: the run with the best validation Dice) at its best checkpoint (``checkpoint=
+    "last"``: its last one); see :func:`load_trained`.  The ``start`` event and ``scores.json`` say which
+    (``"model": {"run", "chosen_by", "checkpoint", "step", "dice"}``).
     Events: ``start``, one ``progress`` per case (``step``/``total``/``case``/``seconds``/``eta_s``), then ``done``
     (or ``cancelled`` when ``should_stop`` returns True between cases: nothing of the unfinished run is scored).
     """
     project = project if isinstance(project, Project) else Project.open(project)
     emit = on_event or (lambda event: None)
-    model, run, info = load_trained(project, method, run, device)
+    model, run, info = load_trained(project, method, run, device, checkpoint)
     todo = list(cases) if cases is not None else project.unlabeled_cases()
     known = set(project.case_ids())
     unknown = [c for c in todo if c not in known]
@@ -69,7 +86,7 @@ def infer(project: Project | str | Path, method: str, *, run: str | None = None,
     labels = project.labels
     num_classes = model.config.num_classes
     emit({"type": "start", "method": method, "run": run, "total": len(todo), "cases": todo,
-          "device": str(model.device)})
+          "device": str(model.device), "model": info["loaded"]})
 
     results: dict[str, Any] = {}
     started = time.perf_counter()
@@ -104,6 +121,7 @@ def infer(project: Project | str | Path, method: str, *, run: str | None = None,
         "views": list(model.views),
         "labels": {str(k): v for k, v in labels.items() if k != 0},
         "labeled_count": int(info.get("labeled_count", len(project.labeled_cases()))),
+        "model": info["loaded"],
         "cases": merged,
     })
     emit({"type": "done", "run": run, "step": len(todo), "path": str(scores_path)})

@@ -5,6 +5,10 @@ A run lives in ``semiseg/models/<method>/<run>/``:
 * ``checkpoint.pt``: ``{"format", "method_name", "method": Method.state_dict(), "step", "config", "rng",
   "sampler"}``, plain containers and tensors only, so it loads with ``torch.load(..., weights_only=True)``;
   written to a temp file and renamed, so a crash never leaves half a checkpoint.
+* ``best.pt``: the same contents at the validation whose mean Dice is the highest so far (written, atomically,
+  each time validation improves; ``run.json`` records ``{"best": {"step", "dice"}}``).  Inference uses it by
+  default (:func:`best_run`, ``backend.inference.load_trained``): a run that overfits or collapses late keeps
+  its best weights.
 * ``config.json``: the method config; ``run.json``: method, preset, cases, device, status
   (``running``/``done``/``cancelled``/``failed``), steps done; ``metrics.jsonl``: one line per logged step
   (``{"type": "train", "step", "lr", <losses>}``) and per validation (``{"type": "validation", "step", "dice",
@@ -45,6 +49,7 @@ from backend.metrics import dice_per_class
 from backend.project import Project, write_json_atomic
 
 CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
 CHECKPOINT_FORMAT = 1
 PROGRESS_INTERVAL_S = 0.5  # progress events at most twice a second (plus the first and the last step)
 MAX_LOG_LINES = 2000  # metrics.jsonl holds about this many training lines per run (losses averaged between)
@@ -66,6 +71,47 @@ def latest_run(project: Project, method: str) -> str:
     if not runs:
         raise InputError(project.semiseg / "models" / method, f"no trained run of '{method}' (train it first)")
     return runs[-1]
+
+
+def run_info(project: Project, method: str, run: str) -> dict[str, Any]:
+    """A run's ``run.json`` ({} when missing or unreadable)."""
+    path = project.model_dir(method, run) / "run.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def run_best_dice(info: dict[str, Any]) -> float | None:
+    """The best validation mean Dice a run reached (``run.json`` ``best``; runs written before ``best.pt``
+    existed fall back to their last validation), None when it never validated."""
+    best = info.get("best") or {}
+    if best.get("dice") is not None:
+        return float(best["dice"])
+    last = info.get("last_validation") or {}
+    return None if last.get("mean") is None else float(last["mean"])
+
+
+def best_run(project: Project, method: str) -> str | None:
+    """The run of ``method`` whose best validation Dice is the highest (ties: the newest); runs that never
+    validated come last (the newest of them when no run validated); None when there is no trained run."""
+    runs = model_runs(project, method)
+    if not runs:
+        return None
+    ranked = [(run_best_dice(run_info(project, method, r)), i, r) for i, r in enumerate(runs)]
+    scored = [(d, i, r) for d, i, r in ranked if d is not None]
+    return max(scored)[2] if scored else runs[-1]
+
+
+def run_checkpoint(project: Project, method: str, run: str, which: str = "best") -> Path:
+    """The checkpoint file of ``run`` to load: ``best.pt`` when ``which == "best"`` and the run has one, else
+    ``checkpoint.pt`` (the last step)."""
+    if which not in ("best", "last"):
+        raise InputError(None, f"checkpoint must be 'best' or 'last' (got '{which}')")
+    folder = project.model_dir(method, run)
+    if which == "best" and (folder / BEST).is_file():
+        return folder / BEST
+    return folder / CHECKPOINT
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -226,6 +272,10 @@ class _RunFiles:
         return self.folder / CHECKPOINT
 
     @property
+    def best(self) -> Path:
+        return self.folder / BEST
+
+    @property
     def run_json(self) -> Path:
         return self.folder / "run.json"
 
@@ -248,7 +298,8 @@ class _RunFiles:
         os.replace(tmp, self.metrics)
 
 
-def _save_checkpoint(files: _RunFiles, method: Method, method_name: str, step: int, sampler_state: dict) -> Path:
+def _save_checkpoint(files: _RunFiles, method: Method, method_name: str, step: int, sampler_state: dict,
+                     path: Path | None = None) -> Path:
     state = {
         "format": CHECKPOINT_FORMAT,
         "method_name": method_name,
@@ -258,10 +309,11 @@ def _save_checkpoint(files: _RunFiles, method: Method, method_name: str, step: i
         "rng": _rng_state(method.device),
         "sampler": dict(sampler_state),
     }
-    tmp = files.folder / f".{CHECKPOINT}.tmp"
+    path = files.checkpoint if path is None else path
+    tmp = path.with_name(f".{path.name}.tmp")
     torch.save(state, tmp)
-    os.replace(tmp, files.checkpoint)
-    return files.checkpoint
+    os.replace(tmp, path)
+    return path
 
 
 def split_labeled(labeled: list[str], seed: int, hold_out_from: int | None = 5
@@ -400,9 +452,15 @@ def train_method(project: Project | str | Path, method: str, *, preset: str | No
             info["started"] = previous.get("started", info["started"])
             last_val = previous.get("last_validation")
             info["last_validation"] = last_val if last_val and last_val.get("step", 0) <= start else None
+            best = previous.get("best")
+            if best and best.get("step", 0) <= start and files.best.is_file():
+                info["best"] = best
+            else:  # a best from past the checkpoint belongs to the discarded continuation
+                files.best.unlink(missing_ok=True)
             files.truncate_metrics(start)
         else:
             files.metrics.unlink(missing_ok=True)
+            files.best.unlink(missing_ok=True)
         write_json_atomic(files.folder / "config.json", json.loads(config.to_json()))
         write_json_atomic(files.run_json, info)
     emit({"type": "start", "run": run, "method": method, "preset": preset, "device": str(dev), "step": start,
@@ -427,7 +485,14 @@ def train_method(project: Project | str | Path, method: str, *, preset: str | No
         result = validate(model, val_data, project.labels)
         record = {"type": "validation", "step": step, **result, "val_on_train": split["val_on_train"]}
         files.append_metrics(record)
-        update_info(last_validation=record)
+        best = info.get("best")
+        improved = result["mean"] is not None and (not best or result["mean"] > best["dice"])
+        if improved:  # first validation, or strictly better: the best weights so far
+            _save_checkpoint(files, model, method, step, sampler.state_dict(), path=files.best)
+            record = {**record, "best": True}
+            update_info(last_validation=record, best={"step": step, "dice": result["mean"]})
+        else:
+            update_info(last_validation=record)
         emit(record)
 
     # ---- the loop ----

@@ -93,7 +93,9 @@ def test_infer_writes_every_view_in_the_image_geometry_and_scores(trained):
         assert project.read_image(case).geometry_mismatch(label) is None
         assert label.array.dtype == np.uint8 and set(np.unique(label.array)) <= {0, 1, 2}
     scores = json.loads((out / "scores.json").read_text())
-    assert set(scores) == {"method", "run", "views", "labels", "labeled_count", "cases"}
+    assert set(scores) == {"method", "run", "views", "labels", "labeled_count", "model", "cases"}
+    assert scores["model"]["run"] == run and scores["model"]["chosen_by"] == "best validation"
+    assert scores["model"]["checkpoint"] == "best" and scores["model"]["step"] == 2
     assert scores["method"] == "supervised" and scores["run"] == run and scores["views"] == ["prediction"]
     assert scores["labels"] == {"1": "GM", "2": "WM"} and scores["labeled_count"] == 1
     case = scores["cases"]["colin27_ch2"]
@@ -133,3 +135,67 @@ def test_cancelled_inference_leaves_no_scores(trained):
     assert events[-1]["type"] == "cancelled" and events[-1]["step"] == 1
     assert not (project.pseudo_dir("supervised", run) / "scores.json").exists()
     assert project.runs("supervised") == []  # an incomplete run never shows up as a result
+
+
+# ---- the best model ------------------------------------------------------------------------------------------------
+def _net_weights(path):
+    return training.load_checkpoint(path)["method"]["modules"]["net"]
+
+
+def test_best_checkpoint_follows_validation_and_inference_loads_it(tmp_path):
+    project = small_brain_project(tmp_path / "small")
+    events = []
+    run = train(project, "supervised", preset="tiny", steps=6, device="cpu",
+                overrides={"val_every": 1, "checkpoint_every": 1000, "lr": 0.05}, on_event=events.append)
+    folder = project.model_dir("supervised", run)
+    vals = [e for e in events if e["type"] == "validation"]
+    means = [v["mean"] for v in vals]
+    best_step = vals[means.index(max(means))]["step"]  # the first of the highest
+    info = json.loads((folder / "run.json").read_text())
+    assert info["best"] == {"step": best_step, "dice": max(means)}
+    improved = [v["step"] for v in vals if v.get("best")]
+    assert improved[0] == 1 and improved[-1] == best_step
+    for v in vals:  # best.pt is rewritten exactly when validation beats every earlier one
+        assert bool(v.get("best")) == (v["mean"] > max(means[:v["step"] - 1], default=-1.0))
+    best = training.load_checkpoint(folder / "best.pt")
+    assert best["step"] == best_step and best["method_name"] == "supervised"
+    assert not list(folder.glob(".*.tmp"))  # written atomically
+    last = _net_weights(folder / "checkpoint.pt")
+    if best_step != 6:
+        assert any(not torch.equal(best["method"]["modules"]["net"][k], last[k]) for k in last)
+
+    model, _, loaded = inference.load_trained(project, "supervised", device="cpu")
+    assert loaded["loaded"] == {"run": run, "chosen_by": "best validation", "checkpoint": "best",
+                                "step": best_step, "dice": max(means)}
+    for k, v in model.net.state_dict().items():
+        assert torch.equal(v, best["method"]["modules"]["net"][k])
+    _, _, named_last = inference.load_trained(project, "supervised", run, device="cpu", checkpoint="last")
+    assert named_last["loaded"]["checkpoint"] == "last" and named_last["loaded"]["step"] == 6
+    assert named_last["loaded"]["chosen_by"] == "named"
+
+
+def test_inference_picks_the_run_with_the_best_validation_not_the_newest(tmp_path):
+    project = small_brain_project(tmp_path / "small")
+    assert training.best_run(project, "supervised") is None
+    old = train(project, "supervised", preset="tiny", steps=2, device="cpu", overrides=FAST)
+    new = train(project, "supervised", preset="tiny", steps=2, device="cpu", overrides=FAST)
+    assert old < new and training.model_runs(project, "supervised") == [old, new]
+
+    def set_best(run, dice):
+        path = project.model_dir("supervised", run) / "run.json"
+        info = json.loads(path.read_text())
+        info["best"] = {"step": 2, "dice": dice}
+        path.write_text(json.dumps(info))
+
+    set_best(old, 0.759)
+    set_best(new, 0.134)  # the case: a newer run far worse on validation
+    assert training.best_run(project, "supervised") == old
+    events = []
+    assert infer(project, "supervised", device="cpu", cases=["colin27_ch2"], on_event=events.append) == old
+    assert events[0]["model"]["run"] == old and events[0]["model"]["dice"] == 0.759
+    assert (project.pseudo_dir("supervised", old) / "scores.json").is_file()
+    assert infer(project, "supervised", run=new, device="cpu", cases=["colin27_ch2"]) == new  # a named run wins
+    set_best(new, 0.759)
+    assert training.best_run(project, "supervised") == new  # ties: the newest
+    set_best(new, 0.9)
+    assert training.best_run(project, "supervised") == new
