@@ -133,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"semiseg: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a read-only or missing folder: one line, not a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"semiseg: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except JobBusyError as exc:
         print(f"semiseg: {exc}", file=sys.stderr)
         return 3

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backend.errors import InputError
-from backend.project import Project, check_case_name, check_image, check_label, parse_labels
+from backend.project import Project, check_case_name, check_image, check_label, check_label_values, parse_labels
 from backend.volume import H5_SUFFIXES, SUPPORTED_SUFFIXES, h5_has_key, read_volume, strip_suffix, suffix_of
 
 IMAGE_TAGS = ("_0000", "_image", "_img")
@@ -39,9 +39,12 @@ def _is_dicom_folder(path: Path) -> bool:
 def _scan_folder(folder: Path, tags: tuple[str, ...]) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if path.name.startswith("."):
-            continue
+        if path.name.startswith("._") or path.name.startswith(".") and not path.is_file():
+            continue  # macOS resource forks, hidden folders (.git, ...)
         if path.is_file() and suffix_of(path) in SUPPORTED_SUFFIXES or _is_dicom_folder(path):
+            if path.name.startswith("."):
+                raise InputError(path, "hidden file (its name starts with '.'); a case name starts with a letter "
+                                       "or digit: rename the file or move it out of the folder")
             case = _case_name(path, tags)
             if case in found:
                 raise InputError(path, f"duplicate case '{case}' (also {found[case].name})")
@@ -74,10 +77,18 @@ def discover(images: Path, labels: Path | None = None) -> tuple[list[CaseSource]
     for case, path in image_files.items():
         check_case_name(case, path)
         label = label_files.get(case)
-        if label is None and suffix_of(path) in H5_SUFFIXES and h5_has_key(path, "label"):
+        if label is None and suffix_of(path) in H5_SUFFIXES and _h5_has_label(path):
             label = path
         sources.append(CaseSource(case, path, label))
     return sources, dataset
+
+
+def _h5_has_label(path: Path) -> bool:
+    try:
+        return h5_has_key(path, "label")
+    except Exception as exc:  # h5py's errors for a file that is not HDF5 (or a truncated one)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(path, f"cannot read ({first[:200]})") from exc
 
 
 def _infer_labels(sources: list[CaseSource]) -> dict[int, str]:
@@ -87,7 +98,12 @@ def _infer_labels(sources: list[CaseSource]) -> dict[int, str]:
     values: set[int] = {0}
     for source in sources:
         if source.label is not None:
-            values.update(int(v) for v in np.unique(read_volume(source.label, key=source.label_key).array))
+            array = read_volume(source.label, key=source.label_key).array
+            if array.dtype.kind == "f" and (not np.all(np.isfinite(array)) or not np.all(np.mod(array, 1) == 0)):
+                raise InputError(source.label, "label holds non-integer values")
+            found = np.unique(array)
+            check_label_values([int(v) for v in found], source.label)
+            values.update(int(v) for v in found)
     if values == {0}:  # no label seen: a single foreground class until the user says otherwise
         values.add(1)
     return {v: ("background" if v == 0 else f"label_{v}") for v in sorted(values)}
@@ -110,7 +126,7 @@ def init_project(root: str | Path, images: str | Path, labels: str | Path | None
     if modality is None and dataset:
         channels = dataset.get("channel_names") or dataset.get("modality") or {}
         modality = str(channels.get("0", "MR"))
-    existing = Project(root) if (root / "dataset.json").is_file() else None
+    existing = Project.open(root) if (root / "dataset.json").is_file() else None
     if existing:
         label_map = existing.labels
         for source in sources:

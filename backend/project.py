@@ -47,6 +47,11 @@ MODALITIES = ("MR", "CT", "other")
 MAX_LABEL = 255  # labels are stored as uint8
 LOCK_TIMEOUT_S = 120.0
 JOURNAL = "accept.journal.json"
+# The steps of an accept, in order (fault points of the test suite); from COMMIT_STEP on, an interrupted accept
+# is completed by recovery, before it, rolled back.
+ACCEPT_STEPS = ("label_written", "snapshot_written", "prepared", "journal_committed", "renamed_snapshot",
+                "renamed_history", "renamed_label", "renamed_dataset", "journal_removed")
+COMMIT_STEP = "journal_committed"
 ANY: Any = object()  # ``expected_version`` default of :meth:`Project.accept`: accept whatever is on disk
 _WINDOWS = sys.platform == "win32"
 if _WINDOWS:  # pragma: no cover - exercised on Windows only
@@ -570,6 +575,34 @@ class Project:
             return self._recover_locked()
         finally:
             lock.release()
+
+    def verify(self) -> list[str]:
+        """What is inconsistent on disk (empty when nothing is): leftover temp files or journal, ``dataset.json``
+        not listing exactly the labeled cases, unreadable labels or history, a label that differs from the
+        snapshot its last history record names.  Used by the fault-injection tests and ``bench/faults.py``."""
+        problems = []
+        if self._has_leftovers():
+            problems.append("temp files or an accept journal left over")
+        labeled = self.labeled_cases()
+        dataset = read_json(self.dataset_path, "dataset.json")
+        listed = sorted(Path(item["label"]).name[: -len(FILE_ENDING)] for item in dataset.get("training", []))
+        if listed != labeled or dataset.get("numTraining") != len(labeled):
+            problems.append(f"dataset.json lists {listed}, labelsTr holds {labeled}")
+        for case in labeled:
+            try:
+                history = self.history(case)
+                read_volume(self.label_path(case))
+            except InputError as exc:
+                problems.append(str(exc))
+                continue
+            if not history:
+                continue  # a label imported with the project (init) has no history
+            snapshot = self.semiseg / "history" / history[-1]["snapshot"]
+            if not snapshot.is_file():
+                problems.append(f"{case}: the snapshot of its last accept is missing")
+            elif snapshot.read_bytes() != self.label_path(case).read_bytes():
+                problems.append(f"{case}: the label differs from the snapshot of its last accept")
+        return problems
 
     def history(self, case: str) -> list[dict[str, Any]]:
         """The case's accept records, oldest first; a corrupt history file is an :class:`InputError`."""
