@@ -230,7 +230,12 @@ def _read_dicom(folder: Path, series_uid: str | None) -> Volume:
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid)
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
-    image = reader.Execute()
+    warnings_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's multi-line warning on a gap: refused below instead
+    try:
+        image = reader.Execute()
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings_shown)
     if image.GetDimension() != 3 or image.GetSize()[2] < 2:
         raise InputError(folder, "the DICOM series holds a single slice; a 3D volume is expected")
     _check_slice_spacing(folder, reader, image)
