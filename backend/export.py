@@ -17,7 +17,7 @@ import numpy as np
 
 from backend.colors import label_color
 from backend.errors import InputError
-from backend.project import Project
+from backend.project import Project, check_label
 from backend.volume import Volume, read_volume, write_volume
 
 FORMATS = ("nii.gz", "nrrd", "seg.nrrd")
@@ -75,7 +75,7 @@ def _sources(project: Project, source: str, run: str | None) -> tuple[list[tuple
     run = run or runs[-1]
     if run not in runs:
         raise InputError(project.pseudo_dir(source, run), f"no complete inference run '{run}' of '{source}'")
-    scores = json.loads((project.pseudo_dir(source, run) / "scores.json").read_text())
+    scores = project.scores(source, run)  # a corrupt scores.json is an InputError naming it
     view = _primary_view(project, source, run, scores)
     files = [(c, project.pseudo_dir(source, run) / c / f"{view}.nii.gz") for c in sorted(scores.get("cases", {}))]
     return [(c, p) for c, p in files if p.is_file()], "inprogress"
@@ -116,7 +116,7 @@ def export(project: Project | str | Path, dest: str | Path, *, fmt: str = "nii.g
         mismatch = image.geometry_mismatch(label)
         if mismatch:
             raise InputError(path, f"label does not match its image: {mismatch}")
-        array = np.ascontiguousarray(label.array.astype(np.uint8))
+        array = np.ascontiguousarray(check_label(label, image, project.labels, path))  # no wrap of -1 to 255
         out: Volume = image.like(array)
         metadata = slicer_metadata(array, project.labels, status=status) if fmt == "seg.nrrd" else None
         written.append(write_volume(out, dest / f"{case}.{fmt}", metadata=metadata))

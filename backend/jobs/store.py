@@ -62,7 +62,12 @@ class JobPaths:
         return paths
 
     def read_spec(self) -> dict[str, Any]:
-        return json.loads(self.spec.read_text())
+        from backend.project import read_json  # a corrupt spec.json is one InputError line naming it
+
+        spec = read_json(self.spec, "spec.json")
+        if not isinstance(spec, dict):
+            raise InputError(self.spec, "corrupt spec.json (not a JSON object)")
+        return spec
 
     def pid(self) -> int | None:
         """The child's process id: the one it wrote itself, else the one start_job saw."""
