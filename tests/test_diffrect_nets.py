@@ -348,3 +348,43 @@ def test_batchnorm_folding_keeps_the_function():
         t = torch.tensor([3, 7])
         assert torch.allclose(rect.denoiser(z, t, z), fused_rect.denoiser(z, t, z), atol=1e-4)
         assert torch.allclose(rect.decoder(z, skips, emb), fused_rect.decoder(z_f, skips_f, emb), atol=1e-4)
+
+
+def test_rectify_decodes_the_clamped_reverse_process(monkeypatch):
+    """Eq. 12: y_r = Upsample(r_0), r_0 from pure noise by DDIM steps conditioned on z_w, every x0 prediction
+    clamped to [-1, 1] (the published sampler's clip_denoised)."""
+    from backend.nets.diffrect_model import Rectifier
+
+    torch.manual_seed(0)
+    rect = Rectifier(3, 1, bsem_channels=(8, 8, 16, 16, 32), denoiser_channels=(48, 64), emb_dim=32,
+                     emb_hidden=64).eval()
+    ddpm, _ = make_schedulers(10, "cosine")
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        emb = rect.embed_tau(torch.tensor([0.6, 0.6]))
+        z, skips = rect.encode(torch.randint(0, 3, (2, 64, 64)), x, rect.image_encoder(x), emb)
+        conds = []
+
+        def denoiser(z_t, t, cond):
+            conds.append(cond)
+            return 3.0 * z_t + cond  # predictions well outside [-1, 1]
+
+        monkeypatch.setattr(rect.denoiser, "forward", denoiser)
+        decoder, latents = rect.decoder, []
+
+        class Recorder(torch.nn.Module):
+            def forward(self, latent, skips_, emb_):
+                latents.append(latent)
+                return decoder(latent, skips_, emb_)
+
+        monkeypatch.setattr(rect, "decoder", Recorder())
+        noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(5))
+        for clamp in (1.0, None):
+            out = rect.rectify(z, skips, emb, ddpm.alphas_cumprod, [9, 0], generator=torch.Generator().manual_seed(5),
+                               clamp=clamp)
+            predict = (lambda a, t: (3.0 * a + z).clamp(-1, 1)) if clamp else (lambda a, t: 3.0 * a + z)
+            feature = ddim_reverse(ddpm.alphas_cumprod, predict, noise, [9, 0])
+            assert torch.allclose(latents[-1], feature, atol=1e-5)  # the decoder gets r_0 ...
+            assert torch.allclose(out, decoder(feature, skips, emb), atol=1e-5)  # ... with the condition's skips
+            assert (float(feature.abs().max()) <= 1.0) == (clamp is not None)
+        assert len(conds) == 4 and all(c is z for c in conds)  # conditioned on the given latent

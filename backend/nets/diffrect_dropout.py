@@ -54,3 +54,27 @@ def use_fast_dropout(module: nn.Module) -> nn.Module:
         else:
             use_fast_dropout(child)
     return module
+
+
+ENCODER_LEVELS = ("conv_0", "down_1", "down_2", "down_3", "down_4")  # MONAI BasicUNet's encoder, top to bottom
+
+
+def ssl4mis_dropout(unet: nn.Module, rates: tuple[float, ...] | float) -> nn.Module:
+    """Dropout of a MONAI ``BasicUNet`` as the SSL4MIS U-Net has it (the segmentation net of DiffRect's published
+    code): in the encoder only, one dropout per level between its two convolutions, with ``rates[k]`` at level
+    k (SSL4MIS: 0.05, 0.1, 0.2, 0.3, 0.5), none in the decoder.  MONAI puts a dropout after both convolutions of
+    every level; each is replaced here (in place) by a :class:`FastDropout` of the level's rate on the first
+    convolution and an identity elsewhere.  MONAI's order (norm, dropout, LeakyReLU) equals SSL4MIS's (norm,
+    LeakyReLU, dropout): LeakyReLU is positively homogeneous and maps 0 to 0."""
+    rates = (float(rates),) * len(ENCODER_LEVELS) if isinstance(rates, (int, float)) else tuple(rates)
+    if len(rates) != len(ENCODER_LEVELS):
+        raise ValueError(f"need {len(ENCODER_LEVELS)} encoder dropout rates (got {len(rates)})")
+    for name, child in unet.named_children():
+        two_conv = getattr(child, "convs", child)  # Down / UpCat hold their TwoConv as .convs
+        for conv_name in ("conv_0", "conv_1"):
+            adn = getattr(getattr(two_conv, conv_name, None), "adn", None)
+            if adn is None or "D" not in adn._modules:
+                continue
+            rate = rates[ENCODER_LEVELS.index(name)] if name in ENCODER_LEVELS and conv_name == "conv_0" else 0.0
+            adn._modules["D"] = FastDropout(rate) if rate > 0 else nn.Identity()
+    return unet

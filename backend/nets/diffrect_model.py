@@ -57,10 +57,15 @@ class Rectifier(nn.Module):
 
     def rectify(self, z_cond: torch.Tensor, skips: Sequence[torch.Tensor], emb: torch.Tensor | None,
                 alphas_cumprod: torch.Tensor, timesteps: Sequence[int], eta: float = 0.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, clamp: float | None = 1.0) -> torch.Tensor:
         """Eq. 12: start from ``r^T ~ N(0, I)``, denoise progressively conditioned on ``z_cond`` (the weak pseudo
-        label's latent), and decode the rectified feature to logits of the rectified pseudo label y_r."""
+        label's latent), and decode the rectified feature to logits of the rectified pseudo label y_r.  Every x0
+        prediction is clamped to ``[-clamp, clamp]`` (the published sampler's ``clip_denoised``; None: not)."""
         noise = torch.randn(z_cond.shape, device=z_cond.device, generator=generator)
-        feature = ddim_reverse(alphas_cumprod, lambda x, t: self.denoiser(x, t, z_cond), noise, timesteps, eta,
-                               generator)
+
+        def predict_x0(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            x0 = self.denoiser(x, t, z_cond)
+            return x0 if clamp is None else x0.clamp(-clamp, clamp)
+
+        feature = ddim_reverse(alphas_cumprod, predict_x0, noise, timesteps, eta, generator)
         return self.decoder(feature.to(z_cond.dtype), skips, emb)
