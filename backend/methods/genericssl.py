@@ -27,22 +27,67 @@ Speed and memory, at the same mathematics as the published implementation:
   runs under bf16 autocast (``cpu_bf16_sampling``; the published code samples under fp16 autocast on GPU);
   ``cpu_amp`` (opt-in) extends bf16 autocast to the whole step and inference.
 
-Differences from the published code, where the shared V-Net blocks decide: conv-norm-ReLU stages that add the
-time embedding once per stage (the published blocks are conv-ReLU-norm-dropout(0.1) with the embedding added
-after most convolutions), hence 55.4 M parameters for LASeg instead of 57.9 M.  DDIM visits the published
-respaced timesteps (999, 888, ..., 0; :func:`backend.nets.diffusion.ddim_timesteps`).
+Paper presets (``la``, ``synapse``, ``mmwhs``, ``mms``): Table 8's patch, learning rate and F, and the published
+runs' lengths (``_OfficialRun``: ``train.sh -n 300`` runs 301 epochs of ``len(split) // batch`` iterations --
+LASeg 5 % 5719, Synapse 20 % 2408, MMWHS 2408, M&Ms to-A 2 % 33110), mu ramped over 300 epochs (M&Ms: 100,
+``-cr 100``), validation every epoch as published, so that the engine's ``best.pt`` is the published
+``best_model.pth``.  ``rampup_steps`` is a run-length field: ``--steps`` shortens the ramp-up with the run.
+LASeg infers with the published sliding-window strides (16 in-plane, 4 along z, ``sw_overlap`` per axis).
 
-Views for review: ``diffusion`` (argmax of the DDIM map, domain-unbiased), ``difficulty`` (argmax of ``D(psi)``,
-class-unbiased) and ``combined`` (the RS pseudo label of eq. 7: the training target).  ``primary_view`` is
-``combined``; :meth:`GenericSSL.predict` returns the paper's inference path instead, ``D(theta)`` on the shared
-encoder ("only the diffusion encoder and D(theta) are used to generate the predictions", sec. 3.3), which is
-the network the pseudo labels train.
+Remaining differences from the published code or the paper, each with its reason:
+
+* Network, where the shared V-Net blocks decide: conv-norm-ReLU stages that add the time embedding once per stage
+  (the published blocks are conv-ReLU-norm-dropout(0.1) with the embedding added after most convolutions), hence
+  55.4 M parameters for LASeg instead of 57.9 M.  DDIM visits the published respaced timesteps (999, 888, ..., 0;
+  :func:`backend.nets.diffusion.ddim_timesteps`).
+* Loss scale: ``L_DiceCE`` is the published ``CE + Dice``; the paper writes ``(CE + Dice) / 2`` (eq. 2), which
+  ``lambda_ce = lambda_dice = 0.5`` gives.  MONAI's Dice loss (``1 - Dice``, smoothing 1e-5) stands for the
+  published ``-Dice`` (smoothing 1): same gradients up to the smoothing.
+* Schedules per iteration, not per epoch: the published code sets the poly learning rate and mu once per epoch
+  (one epoch late: epoch ``e`` trains with the values of ``e - 1``); here both follow the iteration count, the
+  ramp-up spanning ``rampup_epochs x iterations`` steps.  The largest difference is one epoch's worth of ramp-up.
+* Early stopping: the published runs stop after 50 (LASeg), 100 (Synapse, MMWHS) or 80 (M&Ms) epochs without a
+  better validation Dice; here the run goes to its end and ``best.pt`` keeps the best weights -- the same model,
+  at the cost of the remaining epochs.  Stop the job by hand to save them.
+* Validation: the published code scores ``D(theta)`` on one centre-cropped patch of each validation case (LASeg
+  and M&Ms: the labeled cases; Synapse and MMWHS: a separate split); the engine scores whole volumes by sliding
+  windows on its own validation cases (the labeled ones, as the paper presets hold none out).
+* Batch: Synapse uses batch 2, the published ``config.py``'s, against Table 8's 4, because the published runs --
+  whose length the preset copies -- were made with it.  Learning rates are Table 8's (the README's single command
+  line shows ``-l 1e-2`` as an example).
+* The ``mms`` preset's length is the to-A, 2 % setting's (440 unlabeled volumes); the other M&Ms settings have
+  other split sizes: their run is ``--steps 301 * (N_unlabeled // 4)``.
+* Preprocessing: the published loaders min-max the intensities to [0, 1] after a clip (Synapse: [-75, 275] HU,
+  set here as ``intensity_window``; M&Ms: the 0.5-99.5 percentiles, MMWHS: [0, 98th percentile] then z-score);
+  the engine z-scores MR and windows CT, an affine change of the input.  The published preprocessing also resizes
+  every case to a fixed shape (Synapse 80x160x160; MMWHS 144^3 after a crop around the labeled heart; M&Ms
+  32x144x144 after a crop), which is not a voxel spacing (the grid differs per case), so ``target_spacing``
+  stays None; LASeg's data are used as distributed (0.625 mm, cropped, by UA-MT).  To reproduce Synapse,
+  MMWHS and M&Ms exactly, import the published preprocessed volumes (``bench/reproduce.md``).
+* Sliding-window inference blends windows with Gaussian weights (MONAI), the published code averages them
+  uniformly; Synapse, MMWHS and M&Ms keep overlap 0.5 because the published strides (16, 4) were meant for the
+  resized volumes and on native grids mean thousands of windows per case.
+* Pseudo labels: ``D(psi)``'s class-unbiased map of the unlabeled batch is decoded from the encoder pass that
+  trains ``D(theta)`` (see above), so the two share one bottleneck-dropout draw, where the published code runs a
+  second forward pass with its own draw.
+* Mixed precision: CUDA autocast (bf16 where supported, else fp16 with a grad scaler) where the published code
+  uses fp16 throughout; CPU runs are fp32 unless ``cpu_amp``.
+
+Views for review: the two terms of eq. 7 and their sum, computed the way the training targets are
+(``review_mode = "train"``: norms on batch statistics, their running statistics left alone, and dropout on, as in
+the published training loop): ``diffusion`` (argmax of ``Smooth(GumbelSoftmax(p^{u;xi}))``, the DDIM map of
+``D(xi)``: domain-unbiased), ``difficulty`` (argmax of ``Softmax(p^{u;psi})``: class-unbiased) and ``combined``
+(argmax of their sum: the RS pseudo label of eq. 7 that trains ``D(theta)``), one Gumbel draw for both, each map
+blended across sliding windows before the argmax (training makes them per patch).  The published code has no
+review views.  ``primary_view`` is ``combined``; :meth:`GenericSSL.predict` returns the paper's inference path
+instead, ``D(theta)`` on the shared encoder ("only the diffusion encoder and D(theta) are used to generate the
+predictions", sec. 3.3), which is the network the pseudo labels train.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -50,12 +95,47 @@ import torch.nn.functional as F
 
 from backend.methods.base import BaseConfig, Method, argmax_uint8
 from backend.methods.rampups import gaussian_warmup
-from backend.nets.diffusion import (ddim_sample, from_signed, make_schedulers, q_sample, sample_timesteps,
-                                    to_signed)
+from backend.nets.diffusion import ddim_sample, make_schedulers, q_sample, sample_timesteps, to_signed
 from backend.nets.diffvnet import DiffVNet, ema_transfer
 from backend.nets.genericssl_losses import DifficultyWeights, dice_ce, hard_dice
-from backend.nets.genericssl_rs import rs_pseudo_label, rs_scores
+from backend.nets.genericssl_rs import rs_pseudo_label, rs_terms
 from backend.nets.genericssl_svda import SVDAParams, svda
+
+
+@dataclasses.dataclass(frozen=True)
+class _OfficialRun:
+    """The length of a published training run (xmed-lab/GenericSSL ``train_diffusion.py`` run by ``train.sh`` with
+    the README's ``-n 300``): ``for epoch in range(max_epoch + 1)`` -- 301 epochs -- of ``iterations`` batches each
+    (the shorter of the zipped labeled / unlabeled loaders: ``len(unlabeled split) // batch`` with ``drop_last``,
+    the labeled split for MMWHS), mu ramped up over ``rampup_epochs`` epochs."""
+
+    iterations: int  # per epoch
+    rampup_epochs: int = 300
+    epochs: int = 300  # -n (max_epoch)
+
+    @property
+    def steps(self) -> int:
+        return (self.epochs + 1) * self.iterations
+
+    @property
+    def rampup_steps(self) -> int:
+        return self.rampup_epochs * self.iterations
+
+
+_LA = _OfficialRun(iterations=76 // 4)  # la_0.05: unlabeled_0.05.txt holds 76 cases, batch 4 (la_0.1: 72 // 4)
+_SYNAPSE = _OfficialRun(iterations=16 // 2)  # synapse_0.2: unlabeled_0.2.txt holds 16 cases, batch 2 (config.py)
+_MMWHS = _OfficialRun(iterations=16 // 2)  # mmwhs_ct2mr / mr2ct: the labeled split (16 cases) sets the length
+_MMS = _OfficialRun(iterations=440 // 4, rampup_epochs=100)  # mnms_A_0.02: 440 unlabeled volumes; -cr 100
+
+
+def _official(run: _OfficialRun) -> dict[str, Any]:
+    """Preset fields of a published run: its length, ramp-up and the validation cadence (every epoch)."""
+    return {"max_steps": run.steps, "rampup_steps": run.rampup_steps, "val_every": run.iterations}
+
+
+def _overlap(patch: tuple[int, int, int], stride: tuple[int, int, int]) -> tuple[float, float, float]:
+    """MONAI's per-axis sliding-window overlap for the published strides (test.py: 16 in-plane, 4 along z)."""
+    return tuple((p - s) / p for p, s in zip(patch, stride))
 
 
 @dataclasses.dataclass
@@ -94,36 +174,52 @@ class GenericSSLConfig(BaseConfig):
     brightness_range: tuple[float, float] = SVDAParams.brightness_range
     contrast_range: tuple[float, float] = SVDAParams.contrast_range
     gamma_range: tuple[float, float] = SVDAParams.gamma_range
-    # losses: L_DiceCE = (CE + Dice) / 2 (eq. 2); DRS (eq. 3-6); total (eq. 9)
-    lambda_ce: float = 0.5
-    lambda_dice: float = 0.5
+    # losses: L_DiceCE = lambda_ce CE + lambda_dice Dice: the published code's CE + Dice by default; 0.5 and 0.5
+    # give the paper's (CE + Dice) / 2 of eq. 2.  DRS (eq. 3-6); total (eq. 9)
+    lambda_ce: float = 1.0
+    lambda_dice: float = 1.0
     dice_include_background: bool = False  # published code: Dice over foreground classes
     drs_tau: int = 50
     drs_alpha: float = 0.2  # 1/5
     drs_mode: str = "ema"  # "ema": the published running average over ~tau iterations; "window": exact sums
+    drs_absent_dice: float = 0.5  # Dice of a class absent from prediction and label (published SoftDiceLoss: 1/2)
     mu: float = 10.0
-    rampup_steps: int | None = None  # Gaussian ramp-up length; None: max_steps (published: the whole run)
+    # Gaussian ramp-up length of mu (eq. 9), in iterations: the published run ramps over all its 300 epochs (M&Ms:
+    # 100, train.sh -cr 100); a run-length field, so --steps scales it with max_steps
+    rampup_steps: int = _LA.epochs * _LA.iterations
     # RS (eq. 7) and EMA transfer
     gumbel_tau: float = 1.0
     smooth_kernel: int = 3
     smooth_sigma: float = 1.0
     ema_w: float = 0.99
+    # review views: "train" computes them as the training targets are made (norms on batch statistics, without
+    # updating the running ones, and dropout on), "eval" with the networks in eval mode
+    review_mode: str = "train"
     # implementation
     split_backward: bool = True  # back-propagate each flow's loss on its own (same gradients, 1/3 of the graphs)
     cpu_bf16_sampling: bool = True  # DDIM sampling under bfloat16 autocast on CPUs with native bf16 (with amp)
     cpu_amp: bool = False  # opt-in: bf16 autocast for the whole step and inference on CPUs with native bf16
+    # the run length (LASeg 5 %: 301 epochs of 19 iterations, see _OfficialRun) and the validation cadence (the
+    # published code validates every epoch and keeps the best model; the engine keeps best.pt)
+    max_steps: int = _LA.steps
+    val_every: int = _LA.iterations
+
+    run_length_fields: ClassVar[tuple[str, ...]] = ("rampup_steps",)
 
 
 _PRESETS: dict[str, dict[str, Any]] = {
-    # Table 8 (patch sizes in (D, H, W) = (z, y, x) order); like the paper, train on every labeled case
+    # Table 8 (patch sizes in (D, H, W) = (z, y, x) order) and the published runs' lengths; like the paper, train
+    # on every labeled case.  Preprocessing: see the module docstring ("Paper presets").
     "la": {"num_classes": 2, "patch_size": (80, 112, 112), "lr": 1e-2, "batch_labeled": 4, "batch_unlabeled": 4,
-           "hold_out_from": None},
-    "synapse": {"num_classes": 14, "patch_size": (64, 128, 128), "lr": 3e-2, "batch_labeled": 4,
-                "batch_unlabeled": 4, "hold_out_from": None},
+           "hold_out_from": None, "sw_overlap": _overlap((80, 112, 112), (4, 16, 16)), **_official(_LA)},
+    # batch 2: the published config.py (Table 8 prints 4); CT window [-75, 275] HU as the published data loader
+    "synapse": {"num_classes": 14, "patch_size": (64, 128, 128), "lr": 3e-2, "batch_labeled": 2,
+                "batch_unlabeled": 2, "hold_out_from": None, "intensity_window": (-75.0, 275.0),
+                **_official(_SYNAPSE)},
     "mmwhs": {"num_classes": 5, "patch_size": (128, 128, 128), "lr": 5e-3, "batch_labeled": 2,
-              "batch_unlabeled": 2, "hold_out_from": None},
+              "batch_unlabeled": 2, "hold_out_from": None, **_official(_MMWHS)},
     "mms": {"num_classes": 4, "patch_size": (32, 128, 128), "lr": 1e-2, "batch_labeled": 4, "batch_unlabeled": 4,
-            "hold_out_from": None},
+            "hold_out_from": None, **_official(_MMS)},
     # a few CPU minutes on a small project (~2 s per step on one core, 200 steps)
     "quick": {"features": 8, "patch_size": (32, 64, 64), "batch_labeled": 1, "batch_unlabeled": 1,
               "time_embed_dim": 32, "emb_dim": 128, "ddim_steps": 5, "drs_tau": 20, "max_steps": 200,
@@ -156,6 +252,8 @@ class GenericSSL(Method):
         self.optimizer = torch.optim.SGD(self.net.parameters(), lr=c.lr, momentum=c.momentum,
                                          weight_decay=c.weight_decay, nesterov=c.nesterov)
         self.ddpm, self.ddim = make_schedulers(c.diffusion_steps, c.beta_schedule)
+        if c.review_mode not in ("train", "eval"):
+            raise ValueError(f"unknown review_mode '{c.review_mode}' (train, eval)")
         self.drs = DifficultyWeights(c.num_classes, c.drs_tau, c.drs_alpha, c.drs_mode, device=self.device)
         self.svda_params = SVDAParams(c.n_aug, c.aug_prob, c.rotation_deg, tuple(c.scale_range),
                                       tuple(c.blur_sigma), tuple(c.brightness_range), tuple(c.contrast_range),
@@ -178,7 +276,7 @@ class GenericSSL(Method):
     def mu_at(self, step: int) -> float:
         """mu(t) of eq. 9: ``mu * exp(-5 (1 - t / L)^2)``, the Gaussian ramp-up."""
         c = self.config
-        return gaussian_warmup(step, c.rampup_steps if c.rampup_steps is not None else c.max_steps, c.mu)
+        return gaussian_warmup(step, c.rampup_steps, c.mu)
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -257,7 +355,7 @@ class GenericSSL(Method):
             y_t = q_sample(self.ddpm, y0, t)
             p_l_xi = net.denoise(x_l, y_t, t)
             loss_deno = self._loss(p_l_xi, y_l)
-            dice_xi = hard_dice(p_l_xi.detach(), y_l)
+            dice_xi = hard_dice(p_l_xi.detach(), y_l, absent=c.drs_absent_dice)
             weights = self.drs.update(dice_xi)
         if split:
             self._partial_backward(loss_deno)
@@ -304,20 +402,37 @@ class GenericSSL(Method):
         finally:
             self.net.train(was_training)
 
+    @contextlib.contextmanager
+    def _as_training_targets(self) -> Iterator[None]:
+        """The networks as they are when the training targets are made: train mode (dropout on, norms on the
+        batch's statistics) without touching the running statistics, which inference and checkpoints keep."""
+        norms = [m for m in self.net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        tracked = [m.track_running_stats for m in norms]
+        was_training = self.net.training
+        self.net.train()
+        for m in norms:
+            m.track_running_stats = False  # batch statistics, running ones neither used nor updated
+        try:
+            yield
+        finally:
+            for m, t in zip(norms, tracked):
+                m.track_running_stats = t
+            self.net.train(was_training)
+
     def _review_maps(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The terms of eq. 7 as they enter the pseudo label: ``Smooth(GumbelSoftmax(p^{u;xi}))`` (the DDIM map of
+        ``D(xi)``), ``Softmax(p^{u;psi})`` and their sum (one Gumbel draw for both views)."""
         c = self.config
-        x0 = self.ddim_x0(batch)
-        logits_psi = self.net.psi(batch).float()
-        return {
-            "diffusion": from_signed(x0),
-            "difficulty": torch.softmax(logits_psi, dim=1),
-            "combined": rs_scores(x0, logits_psi, c.gumbel_tau, c.smooth_kernel, c.smooth_sigma),
-        }
+        domain, klass = rs_terms(self.ddim_x0(batch), self.net.psi(batch), c.gumbel_tau, c.smooth_kernel,
+                                 c.smooth_sigma)
+        return {"diffusion": domain, "difficulty": klass, "combined": domain + klass}
 
     def pseudo_labels(self, volume: torch.Tensor) -> dict[str, np.ndarray]:
-        """The three views of one volume; the ``combined`` scores (eq. 7) are blended across sliding windows
-        before the argmax."""
-        with self._evaluating(), torch.no_grad():
+        """The three views of one volume, computed the way the training targets are (``review_mode`` "train"):
+        ``diffusion`` (domain-unbiased), ``difficulty`` (class-unbiased) and ``combined`` (the RS pseudo label of
+        eq. 7), each map blended across sliding windows before its argmax."""
+        mode = self._as_training_targets() if self.config.review_mode == "train" else self._evaluating()
+        with mode, torch.no_grad():
             maps = self.infer_volume(volume, self._review_maps)
         return {view: argmax_uint8(maps[view]) for view in self.views}
 

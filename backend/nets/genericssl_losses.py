@@ -1,8 +1,13 @@
 """A&D's losses: L_DiceCE (eq. 2, 6, 8) and the Difficulty-aware Re-weighting Strategy (DRS, eq. 3-5).
 
-``L_DiceCE(p, y) = (L_CE + L_Dice) / 2`` (the paper's definition).  Where the paper is silent, the published code's
+``L_DiceCE(p, y) = lambda_ce L_CE + lambda_dice L_Dice``.  The paper defines it as ``(L_CE + L_Dice) / 2`` (eq. 2);
+the published code sums the two terms (``DC_and_CE_loss``, weights 1 and 1), which doubles every loss and so the
+effective learning rate: :class:`backend.methods.genericssl.GenericSSLConfig` takes the published scale (1, 1) by
+default, and ``lambda_ce = lambda_dice = 0.5`` gives the paper's.  Where the paper is silent, the published code's
 choices: the Dice term is a batch Dice (MONAI ``DiceLoss(batch=True)``) over the foreground classes, and the
-class weights of eq. 6 weight both the cross entropy (PyTorch's weighted mean) and the per-class Dice terms.
+class weights of eq. 6 weight both the cross entropy (PyTorch's weighted mean) and the per-class Dice terms.  The
+published Dice loss is ``-Dice`` with smoothing 1, MONAI's is ``1 - Dice`` with smoothing 1e-5: a constant offset
+(same gradients) and a smoothing that is negligible on batch sums over whole patches.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from monai.metrics import compute_dice
 
 
 def dice_ce(logits: torch.Tensor, target: torch.Tensor, class_weights: torch.Tensor | None = None,
-            lambda_dice: float = 0.5, lambda_ce: float = 0.5, include_background: bool = False) -> torch.Tensor:
+            lambda_dice: float = 1.0, lambda_ce: float = 1.0, include_background: bool = False) -> torch.Tensor:
     """``lambda_ce * CE + lambda_dice * Dice`` for logits ``[B, K, ...]`` and an integer label ``[B, 1, ...]``.
 
     With ``class_weights`` (``[K]``, eq. 6): ``CE`` is the class-weighted cross entropy and ``Dice`` is
@@ -33,16 +38,24 @@ def dice_ce(logits: torch.Tensor, target: torch.Tensor, class_weights: torch.Ten
     return lambda_ce * ce + lambda_dice * per_class.mean()
 
 
-def hard_dice(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Per-class Dice ``[K]`` of ``argmax(logits)`` against ``target`` over the whole batch (background included;
-    a class absent from both scores 1, as with the published code's smoothed Dice), clamped to ``[eps, 1]``."""
+def hard_dice(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-8, absent: float = 0.5
+              ) -> torch.Tensor:
+    """Per-class Dice ``[K]`` of ``argmax(logits)`` against ``target`` over the whole batch (background included),
+    clamped to ``[eps, 1]``.
+
+    A class absent from both prediction and target scores ``absent`` (0.5): the published DRS measures Dice with
+    ``SoftDiceLoss(smooth=1e-8)``, whose ``(2 tp + 1e-8) / (2 tp + fp + fn + 1e-8 + 1e-8)`` is 1/2 for such a
+    class; a class predicted but absent from the target scores 0 (then ``eps``), as there.
+    """
     k = logits.shape[1]
     pred = F.one_hot(logits.argmax(1), k).movedim(-1, 1).float()
     true = F.one_hot(target[:, 0].long(), k).movedim(-1, 1).float()
     # fold the batch into the first spatial axis: one Dice per class over the whole batch
     fold = lambda t: t.movedim(0, 1).reshape(1, k, -1, *t.shape[3:])  # noqa: E731
-    dice = compute_dice(fold(pred), fold(true), include_background=True, ignore_empty=False)[0]
-    return dice.nan_to_num(1.0).clamp(eps, 1.0)
+    dice = compute_dice(fold(pred), fold(true), include_background=True, ignore_empty=True)[0]
+    predicted = pred.sum(dim=(0, *range(2, pred.ndim))) > 0
+    empty = torch.where(predicted, torch.zeros_like(dice), torch.full_like(dice, absent))
+    return torch.where(torch.isnan(dice), empty, dice).clamp(eps, 1.0)
 
 
 class DifficultyWeights:

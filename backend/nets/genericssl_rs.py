@@ -30,10 +30,18 @@ def domain_unbiased_map(x0: torch.Tensor, tau: float = 1.0, kernel_size: int = 3
     return gaussian_smooth(F.gumbel_softmax(x0.float(), tau=tau, hard=False, dim=1), kernel_size, sigma)
 
 
+def rs_terms(x0: torch.Tensor, logits_psi: torch.Tensor, tau: float = 1.0, kernel_size: int = 3,
+             sigma: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two terms of eq. 7: ``Smooth(GumbelSoftmax(x0))`` (domain-unbiased) and ``Softmax(p^{u;psi})``
+    (class-unbiased), each ``[B, K, ...]``."""
+    return domain_unbiased_map(x0, tau, kernel_size, sigma), torch.softmax(logits_psi.float(), dim=1)
+
+
 def rs_scores(x0: torch.Tensor, logits_psi: torch.Tensor, tau: float = 1.0, kernel_size: int = 3,
               sigma: float = 1.0) -> torch.Tensor:
     """The summed class scores of eq. 7, ``[B, K, ...]``; their argmax is the pseudo label."""
-    return domain_unbiased_map(x0, tau, kernel_size, sigma) + torch.softmax(logits_psi.float(), dim=1)
+    domain, klass = rs_terms(x0, logits_psi, tau, kernel_size, sigma)
+    return domain + klass
 
 
 def rs_pseudo_label(x0: torch.Tensor, logits_psi: torch.Tensor, tau: float = 1.0, kernel_size: int = 3,
