@@ -7,7 +7,11 @@ On disk (inside the project's ``semiseg/`` folder)::
     pseudo/<method>/<run>/<case>/<view>.nii.gz    pseudo labels (written by the engine)
     drafts/<case>.nii.gz, drafts/<case>.json      the unsaved correction of a case and what it started from
     flags.json                                    {case: {"time", "user", "reason"}}: cases put aside for a second look
-    models/<method>/<run>/run.json                what a model was trained on ("labeled_count", ...)
+    models/<method>/<run>/run.json                what a model was trained on ("labeled_count", "best", ...)
+
+Before a label is accepted the dock asks :func:`accept_warnings` whether it needs a confirmation (empty, or a class
+the views or the accepted label have is gone), and :func:`slice_profile` gives the per-slice disagreement the
+clinician jumps through, worst slice first.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from backend.project import FILE_ENDING, Project, _user_name, check_case_name, w
 from backend.volume import Volume, read_volume, strip_suffix, write_volume
 
 MAJORITY = "majority"  # the name of the majority-vote "view"
+ALL_METHODS = "all methods"  # the disagreement of every view of every method
 
 
 # ---- the review queue ----------------------------------------------------------------------------------------
@@ -35,15 +40,23 @@ def sort_review_queue(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=key)
 
 
-def latest_runs(project: Project) -> dict[str, str]:
-    """``{method: latest run}`` for every method that has pseudo labels."""
-    return {m: project.runs(m)[-1] for m in project.methods_with_pseudo_labels()}
+def default_runs(project: Project) -> dict[str, str]:
+    """``{method: run}`` whose pseudo labels the review shows by default, for every method that has pseudo labels:
+    the run inference uses by default (the best by validation, :func:`best_runs`) when it has pseudo labels, else
+    the newest run with pseudo labels.  So a newer, worse model's pseudo labels never replace a better one's in the
+    review queue."""
+    best = best_runs(project)
+    out = {}
+    for method in project.methods_with_pseudo_labels():
+        runs = project.runs(method)
+        out[method] = best[method] if best.get(method) in runs else runs[-1]
+    return out
 
 
 def review_rows(project: Project, runs: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """The case table of :meth:`Project.case_table` restricted to ``runs`` (``{method: run}``; default the
-    latest run of every method), plus ``flagged`` and ``draft`` columns, in review order."""
-    runs = latest_runs(project) if runs is None else runs
+    """The case table of :meth:`Project.case_table` restricted to ``runs`` (``{method: run}``; default
+    :func:`default_runs`, each method's best run), plus ``flagged`` and ``draft`` columns, in review order."""
+    runs = default_runs(project) if runs is None else runs
     scores = {m: project.scores(m, r) for m, r in runs.items()}
     flagged = flags(project)
     drafts = set(list_drafts(project))
@@ -64,9 +77,9 @@ def review_rows(project: Project, runs: dict[str, str] | None = None) -> list[di
 
 # ---- the views of a case ---------------------------------------------------------------------------------------
 def pseudo_views(project: Project, case: str, runs: dict[str, str] | None = None) -> dict[str, Path]:
-    """``{"<method>:<view>": path}`` of every pseudo label of ``case`` in ``runs`` (default: latest runs)."""
+    """``{"<method>:<view>": path}`` of every pseudo label of ``case`` in ``runs`` (default: :func:`default_runs`)."""
     check_case_name(case)
-    runs = latest_runs(project) if runs is None else runs
+    runs = default_runs(project) if runs is None else runs
     views: dict[str, Path] = {}
     for method, run in sorted(runs.items()):
         folder = project.pseudo_dir(method, run) / case
@@ -109,6 +122,62 @@ def disagreement(arrays: Sequence[np.ndarray]) -> np.ndarray:
     for array in arrays[1:]:
         out |= array != arrays[0]
     return out.view(np.uint8)
+
+
+def view_method(view: str) -> str:
+    """The method of a ``<method>:<view>`` name."""
+    return view.split(":", 1)[0]
+
+
+def disagreement_by_method(views: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``{method: where that method's own views differ}`` for every method with two or more views, plus
+    :data:`ALL_METHODS` (every view of every method) when more than one method has views.  One method's
+    disagreement says how unsure that method is; mixing methods mostly shows how they differ."""
+    by_method: dict[str, list[np.ndarray]] = {}
+    for name, array in views.items():
+        by_method.setdefault(view_method(name), []).append(array)
+    out = {m: disagreement(arrays) for m, arrays in by_method.items() if len(arrays) > 1}
+    if len(by_method) > 1:
+        out[ALL_METHODS] = disagreement(list(views.values()))
+    return out
+
+
+def slice_profile(mask: np.ndarray) -> np.ndarray:
+    """Voxels set in ``mask`` per axial slice (axis 0 of ``[z, y, x]``), int64, one entry per slice."""
+    mask = np.asarray(mask)
+    return np.count_nonzero(mask.reshape(mask.shape[0], -1), axis=1).astype(np.int64)
+
+
+def worst_slice(profile: Sequence[int] | np.ndarray) -> int | None:
+    """The slice with the most disagreement (the lowest index on ties), None when the views agree everywhere."""
+    profile = np.asarray(profile)
+    if profile.size == 0 or not profile.any():
+        return None
+    return int(np.argmax(profile))
+
+
+def accept_warnings(label: np.ndarray, references: dict[str, np.ndarray | None],
+                    labels: dict[int, str]) -> list[str]:
+    """Why accepting ``label`` needs the reviewer's confirmation (empty list: it does not).
+
+    ``references`` are what the label is compared with (``{name: array}``: the case's pseudo-label views and its
+    accepted label, None entries ignored).  A label that is all background, or that has none of a class that one
+    of the references has, is most likely a slip (an erase over the whole volume, a fill with 0), not a finding.
+    """
+    label = np.asarray(label)
+    present = np.bincount(label.ravel(), minlength=max(labels) + 1 if labels else 1) > 0
+    out: list[str] = []
+    if not present[1:].any():
+        out.append("it is empty (background only)")
+    for value, name in sorted(labels.items()):
+        if value == 0 or (value < present.size and present[value]):
+            continue
+        holders = [ref for ref, array in references.items()
+                   if array is not None and array.shape == label.shape and np.any(array == value)]
+        if holders and present[1:].any():
+            out.append(f"it has no '{name}' (label {value}), which {', '.join(holders)} "
+                       f"{'has' if len(holders) == 1 else 'have'}")
+    return out
 
 
 # ---- drafts ------------------------------------------------------------------------------------------------------
@@ -185,12 +254,15 @@ def unflag_case(project: Project, case: str) -> None:
 # ---- accepting a correction ---------------------------------------------------------------------------------------
 def accept_correction(project: Project, case: str, label: np.ndarray, *, source: str,
                       start: np.ndarray | None = None, seconds: float = 0.0,
-                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                      extra: dict[str, Any] | None = None, **check: Any) -> dict[str, Any]:
     """Accept the reviewer's label of ``case`` through :meth:`Project.accept` (validated, atomic, history).
 
-    The history record gains ``started_from`` (the view it was copied from, ``source``), ``voxels_edited``
-    (voxels the reviewer changed from that view; the record's own ``voxels_changed`` counts against the
-    previous accepted label), ``seconds_spent`` on the case and ``accept_seconds`` (how long the write took).
+    ``check`` is passed on to :meth:`Project.accept`: ``expected_version=<token>`` (the case's
+    ``Project.label_version`` when the reviewer opened it) makes the write fail with ``LabelConflictError`` when
+    the label changed on disk since (another viewer, the CLI).  The history record gains ``started_from`` (the
+    view it was copied from, ``source``), ``voxels_edited`` (voxels the reviewer changed from that view; the
+    record's own ``voxels_changed`` counts against the previous accepted label), ``seconds_spent`` on the case and
+    ``accept_seconds`` (how long the write took).
     The case's draft and flag are cleared.
     """
     t0 = time.perf_counter()
@@ -199,7 +271,7 @@ def accept_correction(project: Project, case: str, label: np.ndarray, *, source:
     if start is not None and start.shape == label.shape:
         info["voxels_edited"] = int(np.count_nonzero(start != label))
     info.update(extra or {})
-    record = project.accept(case, label, source=source, extra=info)
+    record = project.accept(case, label, source=source, extra=info, **check)
     discard_draft(project, case)
     unflag_case(project, case)
     record["accept_seconds"] = round(time.perf_counter() - t0, 3)
@@ -208,7 +280,8 @@ def accept_correction(project: Project, case: str, label: np.ndarray, *, source:
 
 # ---- models -------------------------------------------------------------------------------------------------------
 def model_runs(project: Project) -> list[dict[str, Any]]:
-    """Every trained model run: ``{"method", "run", "labeled_count", ...run.json}``, oldest run first."""
+    """Every trained model run: ``{"method", "run", "labeled_count", "best_dice", "has_checkpoint",
+    ...run.json}``, oldest run first."""
     root = project.semiseg / "models"
     out = []
     if root.is_dir():
@@ -218,8 +291,33 @@ def model_runs(project: Project) -> list[dict[str, Any]]:
             except ValueError:
                 data = {}
             out.append({**data, "method": run_json.parent.parent.name, "run": run_json.parent.name,
-                        "labeled_count": data.get("labeled_count")})
+                        "labeled_count": data.get("labeled_count"), "best_dice": _best_dice(data),
+                        "has_checkpoint": (run_json.parent / "checkpoint.pt").is_file()})
     return sorted(out, key=lambda r: (r["run"], r["method"]))
+
+
+def _best_dice(info: dict[str, Any]) -> float | None:
+    """The best validation mean Dice of a run's ``run.json`` (``best``, else its last validation)."""
+    best = info.get("best") or {}
+    if best.get("dice") is not None:
+        return float(best["dice"])
+    last = info.get("last_validation") or {}
+    return None if last.get("mean") is None else float(last["mean"])
+
+
+def best_runs(project: Project, runs: list[dict[str, Any]] | None = None) -> dict[str, str]:
+    """``{method: run}``: the run inference uses by default, the one with the highest best validation Dice
+    (ties: the newest; the newest run when none validated).  The same rule as ``backend.training.best_run``
+    (a test holds them together), read from ``run.json`` files only, so napari's process never imports torch."""
+    runs = model_runs(project) if runs is None else runs
+    ranked: dict[str, tuple] = {}
+    for run in runs:  # oldest first: a later run wins ties
+        if not run.get("has_checkpoint"):
+            continue  # still starting, or its checkpoint is gone: inference cannot use it
+        key = (run["best_dice"] is not None, run["best_dice"] or 0.0, run["run"])
+        if run["method"] not in ranked or key >= ranked[run["method"]][0]:
+            ranked[run["method"]] = (key, run["run"])
+    return {method: run for method, (_key, run) in ranked.items()}
 
 
 def training_choices() -> dict[str, Any]:

@@ -7,11 +7,14 @@ On a copy of the real brain-tissue sample, each method in ``--methods`` is first
 ``--preset`` and run on every unlabeled case (headless, before the viewer opens), so the review dock shows real
 pseudo labels and agreement scores.  Then, in a real napari viewer with the review and training docks:
 
-* **show a case**: from ``select_case`` until the image, every view, the accepted label and the disagreement layer
-  are in the viewer (``case_loaded``), and until the canvas has drawn them; every case in the table, ``--rounds``
-  times over (the first case of a session also builds napari's visuals, so it is reported on its own);
+* **show a case** (a case switch): from ``select_case`` until the image, every view, the accepted label, the
+  disagreement outline and its slice profile are in the viewer (``case_loaded``), and until the canvas has drawn
+  them; every case in the table, ``--rounds`` times over (the first case of a session also builds napari's visuals,
+  so it is reported on its own);
 * **accept**: start a correction from the first view, paint a few voxels, accept; from ``accept()`` until the label
-  is written (the history snapshot included) and the dock says so (``accepted``);
+  is written (the history snapshot included) and the dock says so (``accepted``).  A question the dock asks (a
+  pseudo label of a barely trained model may lack a class another view has) is answered with its first button
+  by the script and counted, not timed;
 * **event-loop stalls**: a 10 ms ``QTimer`` records the gaps between its ticks, i.e. how long the event loop was
   held up, (a) while a training job started from the dock runs for ``--seconds`` seconds (the dock polls its events
   every 250 ms), (b) while cases are shown and accepted with that job still running, as a reviewer would.
@@ -192,7 +195,16 @@ def stall_stats(gaps: list[float]) -> dict[str, float]:
 def run_bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from napari_semiseg.__main__ import open_viewer
 
+    from napari_semiseg import _state
+
     project, prep_s = prepare_project(workdir / "brain", args.methods, args.preset, args.steps)
+    questions: list[str] = []
+
+    def answer_first(_parent, title, _text, buttons, default=None) -> str:  # no one is there to click
+        questions.append(title)
+        return buttons[0]
+
+    _state.ask = answer_first
     viewer, review, training = open_viewer(show=True)  # the docks as `python -m napari_semiseg` lays them out
     review.advance_check.setChecked(False)  # the bench picks the cases itself
     draws = CanvasDraws(viewer)
@@ -246,6 +258,7 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         out["accept_s"] = accepts
         out["stall_reviewing"] = stall_stats(busy.gaps)
         out["views"] = views
+        out["questions"] = questions
         wait_for(training.job_finished, training.cancel, timeout=120)
     finally:
         review._baseline = None
@@ -268,8 +281,10 @@ def report(args: argparse.Namespace, out: dict[str, Any]) -> str:
              f"- display {os.environ.get('DISPLAY', '?')}, OpenGL renderer: {out['gl']}",
              f"- training job: {args.train_method} / {args.train_preset} on cpu, started from the training dock "
              f"({out['job_steps']} steps in the {args.seconds:.0f} s of the stall measurement)",
-             "- show a case: from selecting it to `case_loaded` (image, every view, accepted label, disagreement "
-             "in the viewer) / to the next frame drawn", "",
+             "- show a case (case switch): from selecting it to `case_loaded` (image, every view, accepted label, "
+             "disagreement outline and slice profile in the viewer) / to the next frame drawn",
+             f"- questions the dock asked (answered by the script, not timed): "
+             f"{', '.join(out.get('questions') or []) or 'none'}", "",
              "| what | n | median | max | note |", "|---|---|---|---|---|",
              f"| open the project (table filled) | 1 | {ms(out['open_s'])} | - | |",
              f"| show the first case of the session | 1 | {ms(first_loaded)} / {ms(first_drawn)} | - | "

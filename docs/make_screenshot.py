@@ -1,55 +1,52 @@
-"""Regenerate ``docs/screenshot-review.png``: napari with the review dock on the most doubtful case of a project.
+"""Regenerate ``docs/screenshot-review.png``: napari with the review dock on the most doubtful case of a project
+whose pseudo labels come from trained models, at the slice where the views disagree most.
 
 Usage::
 
-    python docs/make_screenshot.py PROJECT          # a project with pseudo labels (e.g. after python -m backend.demo)
-    python docs/make_screenshot.py --simulate       # the brain-tissue sample with simulated pseudo-label views
+    python -m backend.demo DIR --no-viewer                 # the sample, every method inferred with real models
+    xvfb-run -a python docs/make_screenshot.py DIR         # headless: Xvfb gives napari's canvas a display
 
-``--simulate`` copies the sample to ``<tmp>/semiseg-sample/brain_tissue`` and writes two methods' views made from
-the held-aside reference label (the test fixture of ``tests/test_plugin_fixtures.py``); a real run gives a truer
-picture.  Needs a display (``xvfb-run -a python docs/make_screenshot.py ...`` works headless).
+The screenshot shows the class legend, the review table (agreement Dice per method), the first view of the case
+with the disagreement outline of that method's views, and the per-slice disagreement profile.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _turn(app, seconds: float) -> None:
+    end = time.time() + seconds
+    while time.time() < end:
+        app.processEvents()
+        time.sleep(0.01)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("project", nargs="?", type=Path)
-    parser.add_argument("--simulate", action="store_true")
+    parser.add_argument("project", type=Path, help="a project with pseudo labels of trained models")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "screenshot-review.png")
+    parser.add_argument("--size", type=int, nargs=2, default=(1600, 1000), metavar=("W", "H"))
     args = parser.parse_args(argv)
-    scratch = None
-    if args.simulate:
-        from backend.sample import copy_sample
-
-        sys.path.insert(0, str(REPO / "tests"))
-        from test_plugin_fixtures import write_fake_pseudo_labels
-
-        scratch = Path(tempfile.mkdtemp())
-        project = copy_sample(scratch / "semiseg-sample" / "brain_tissue", "brain_tissue")
-        write_fake_pseudo_labels(project)
-        root = project.root
-    elif args.project is not None:
-        root = args.project
-    else:
-        parser.error("give a PROJECT or --simulate")
 
     from qtpy.QtWidgets import QApplication
 
+    from backend.project import Project
     from napari_semiseg.__main__ import open_viewer
 
-    viewer, review, training = open_viewer(root, show=True)
+    project = Project.open(args.project)
+    if not project.methods_with_pseudo_labels():
+        print(f"{args.project}: no pseudo labels yet (run `python -m backend.demo {args.project} --no-viewer` or "
+              f"`semiseg infer`)", file=sys.stderr)
+        return 2
+    viewer, review, training = open_viewer(project.root, show=True)
     app = QApplication.instance()
     window = viewer.window._qt_window
-    window.resize(1500, 950)
+    window.resize(*args.size)
     deadline = time.time() + 120
     while review.case is None and time.time() < deadline:
         app.processEvents()
@@ -58,20 +55,15 @@ def main(argv: list[str] | None = None) -> int:
         print("no case was loaded", file=sys.stderr)
         return 1
     review.parent().raise_()
-    end = time.time() + 1.0
-    while time.time() < end:
-        app.processEvents()
-        time.sleep(0.01)
+    review.go_to_worst_slice()
+    _turn(app, 1.5)
     viewer.screenshot(str(args.out), canvas_only=False)
-    print(f"{args.out}: {review.case} of {root}")
+    print(f"{args.out}: {review.case} of {project.root}, {len(review.views)} views, slice {review.current_slice()}")
     review._baseline = None
+    training._timer.stop()
     training._choices_process.kill()
     training._choices_process.waitForFinished(5000)
     viewer.close()
-    if scratch is not None:
-        import shutil
-
-        shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
 

@@ -57,6 +57,11 @@ def label_colormap(num_classes: int, *, opacity: float = 1.0):
     return DirectLabelColormap(color_dict=colors)
 
 
+def label_rgb(value: int) -> tuple[float, float, float]:
+    """The ``(r, g, b)`` (0..1) that label ``value`` is drawn in (for legends)."""
+    return _palette(value)
+
+
 def single_colormap(rgb: tuple[float, float, float]):
     """A colormap drawing value 1 in ``rgb`` (the disagreement layer)."""
     from napari.utils.colormaps import DirectLabelColormap

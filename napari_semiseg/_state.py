@@ -63,7 +63,8 @@ def start_worker(owner: Any, func: Callable, *args: Any, on_done: Callable | Non
     on the main thread.  ``owner`` keeps a reference until the worker ends (a collected worker would die)."""
     from napari.qt.threading import create_worker
 
-    worker = create_worker(func, *args, _start_thread=False, **kwargs)
+    # every error goes to on_error or a notification: not re-raised in the main thread as well
+    worker = create_worker(func, *args, _start_thread=False, _ignore_errors=True, **kwargs)
     pending = owner.__dict__.setdefault("_workers", set())
     pending.add(worker)
     if on_done is not None:

@@ -1,6 +1,16 @@
 """The review dock: go through the cases most doubtful first, compare the pseudo-label views of every method,
 correct one and accept it into the labeled set.
 
+What the reviewer sees: a class legend (name and colour, the same colours in every layer); the table with each
+method's agreement Dice between its views; the views of a case, one at a time (*Next view*, Shift+V, cycles
+through them); where one method's views (or all views) disagree, as an outline (Shift+D toggles it, hidden in 3D,
+where an outline cannot be drawn); and the disagreement per slice, a click (or *Worst slice*, Shift+W) away.
+
+Before writing, the dock asks when the label is empty or drops a class that the views or the accepted label have
+(:func:`backend.review.accept_warnings`), and when the case's label changed on disk since the case was opened
+(another viewer, the CLI: ``Project.label_version`` is recorded when a case is shown and checked by
+``Project.accept``): overwrite it, or keep the correction as a draft.
+
 All file reading, voting and writing runs in napari ``thread_worker`` threads; the main thread only builds
 layers and widgets.  The logic lives in :mod:`backend.review`; this module is the Qt layer over it.
 """
@@ -29,20 +39,32 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+import backend.errors as _errors
+
 from backend import review
 from backend.errors import InputError
 from backend.project import Project
 from backend.volume import Volume
 from napari_semiseg import _state
-from napari_semiseg._layers import geometry_metadata, label_colormap, layer_scale, set_if_changed, single_colormap
+from napari_semiseg._layers import (
+    geometry_metadata,
+    label_colormap,
+    label_rgb,
+    layer_scale,
+    set_if_changed,
+    single_colormap,
+)
+from napari_semiseg._plot import DISAGREEMENT_BAR, ProfilePlot
 from napari_semiseg._state import ProjectState, alive, start_worker
 
 CORRECTION = "correction"
 DISAGREEMENT = "disagreement"
-DISAGREEMENT_RGB = (1.0, 0.0, 1.0)
+DISAGREEMENT_RGB = DISAGREEMENT_BAR
+OUTLINE = 1  # the disagreement layer's contour width (napari Labels ``contour``; 0 would fill)
 FILTERS = ("all cases", "unlabeled", "labeled", "flagged")
 SAMPLE_HOME = Path.home() / "semiseg-sample"
 KEEP, DISCARD, CANCEL = "Keep as draft", "Discard edits", "Cancel"
+ACCEPT_ANYWAY, OVERWRITE = "Accept anyway", "Overwrite"
 
 
 class ReviewDock(QWidget):
@@ -78,6 +100,11 @@ class ReviewDock(QWidget):
         self._load_token = 0
         self._pending_case: str | None = None
         self._busy = False
+        self._disagreement: dict[str, np.ndarray] = {}  # per method (and all methods) of the open case
+        self._profiles: dict[str, np.ndarray] = {}      # their per-slice voxel counts
+        self._accepted: np.ndarray | None = None        # the case's accepted label when it was opened
+        self._label_version: Any = None                 # Project.label_version of the case when it was opened
+        self._version_known = False
         self._build_ui()
         self._autosave = QTimer(self)
         self._autosave.setSingleShot(True)
@@ -90,6 +117,10 @@ class ReviewDock(QWidget):
         if window is not None:
             window.installEventFilter(self._close_guard)
         self._bind_keys()
+        dims = getattr(napari_viewer, "dims", None)
+        if dims is not None:
+            dims.events.ndisplay.connect(self._on_ndisplay)
+            dims.events.current_step.connect(self._on_step)
         if self.state.project is not None:
             self._on_project_changed(self.state.project)
 
@@ -137,6 +168,35 @@ class ReviewDock(QWidget):
         self.table.cellDoubleClicked.connect(lambda row, _col: self._select_row(row))
         self.table.itemSelectionChanged.connect(self._on_table_selection)
         layout.addWidget(self.table, stretch=1)
+
+        self.legend_box = QGroupBox("Classes")
+        self.legend_layout = QGridLayout(self.legend_box)
+        self.legend_layout.setHorizontalSpacing(10)
+        layout.addWidget(self.legend_box)
+
+        compare = QGroupBox("Compare views")
+        compare_layout = QGridLayout(compare)
+        self.disagreement_check = QCheckBox("Disagreement outline  [Shift+D]")
+        self.disagreement_check.setChecked(True)
+        self.disagreement_check.setToolTip("Outline where the views of the chosen method differ (not drawn in 3D)")
+        self.disagreement_check.toggled.connect(lambda _on: self._apply_disagreement())
+        self.disagreement_combo = QComboBox()
+        self.disagreement_combo.setToolTip("Whose views the outline and the slice profile compare")
+        self.disagreement_combo.currentIndexChanged.connect(lambda _i: self._apply_disagreement(data=True))
+        compare_layout.addWidget(self.disagreement_check, 0, 0)
+        compare_layout.addWidget(self.disagreement_combo, 0, 1)
+        self.cycle_button = QPushButton("Next view  [Shift+V]")
+        self.cycle_button.setToolTip("Show the next pseudo-label view alone (the others hidden)")
+        self.cycle_button.clicked.connect(lambda: self.cycle_view())
+        self.worst_button = QPushButton("Worst slice  [Shift+W]")
+        self.worst_button.setToolTip("Go to the slice where the views disagree most")
+        self.worst_button.clicked.connect(lambda: self.go_to_worst_slice())
+        compare_layout.addWidget(self.cycle_button, 1, 0)
+        compare_layout.addWidget(self.worst_button, 1, 1)
+        self.profile_plot = ProfilePlot()
+        self.profile_plot.slice_clicked.connect(self.go_to_slice)
+        compare_layout.addWidget(self.profile_plot, 2, 0, 1, 2)
+        layout.addWidget(compare)
 
         nav = QHBoxLayout()
         self.next_button = QPushButton("Next case  [Shift+N]")
@@ -192,6 +252,9 @@ class ReviewDock(QWidget):
             return
         bind("Shift-N", lambda _viewer: self.next_case() if alive(self) else None, overwrite=True)
         bind("Shift-A", lambda _viewer: self.accept() if alive(self) else None, overwrite=True)
+        bind("Shift-V", lambda _viewer: self.cycle_view() if alive(self) else None, overwrite=True)
+        bind("Shift-D", lambda _viewer: self.disagreement_check.toggle() if alive(self) else None, overwrite=True)
+        bind("Shift-W", lambda _viewer: self.go_to_worst_slice() if alive(self) else None, overwrite=True)
 
     def _update_buttons(self) -> None:
         has_project = self.state.project is not None
@@ -201,6 +264,8 @@ class ReviewDock(QWidget):
         self.flag_button.setEnabled(has_case)
         self.start_button.setEnabled(has_case and self.view_combo.count() > 0)
         self.accept_button.setEnabled(has_case and (self.correction_layer is not None or self.view_combo.count() > 0))
+        self.cycle_button.setEnabled(has_case and len(self.views) > 0)
+        self.worst_button.setEnabled(has_case and bool(self._disagreement))
         self.export_button.setEnabled(has_project and not self._busy)
 
     def _set_busy(self, busy: bool) -> None:
@@ -265,14 +330,38 @@ class ReviewDock(QWidget):
         self._fill_table()
         if project is not None:
             self._rebuild_runs(project, {})
+        self._fill_legend(project)
         self._update_buttons()
         self.refresh()
+
+    def _fill_legend(self, project: Project | None) -> None:
+        """One swatch and name per class (the colours every layer uses), then the disagreement outline."""
+        while self.legend_layout.count():
+            item = self.legend_layout.takeAt(0)
+            if item.widget() is not None:
+                item.widget().deleteLater()
+        self.legend: list[tuple[str, tuple[float, float, float]]] = []
+        if project is None:
+            return
+        entries = [(f"{value} {name}", label_rgb(value)) for value, name in project.labels.items() if value != 0]
+        entries.append(("views disagree (outline)", DISAGREEMENT_RGB))
+        for i, (text, rgb) in enumerate(entries):
+            swatch = QLabel()
+            swatch.setFixedSize(14, 14)
+            r, g, b = (int(round(255 * c)) for c in rgb)
+            swatch.setStyleSheet(f"background-color: rgb({r}, {g}, {b}); border: 1px solid #888;")
+            name = QLabel(text)
+            name.setObjectName("legend_entry")
+            row, col = divmod(i, 3)
+            self.legend_layout.addWidget(swatch, row, 2 * col)
+            self.legend_layout.addWidget(name, row, 2 * col + 1)
+            self.legend.append((text, rgb))
 
     def _on_labels_changed(self, _case: str) -> None:
         self.refresh()
 
     def selected_runs(self) -> dict[str, str] | None:
-        """``{method: run}`` chosen in the run box (None: the latest run of every method)."""
+        """``{method: run}`` chosen in the run box (None: each method's best run, ``review.default_runs``)."""
         data = self.run_combo.currentData()
         if not data:
             return None
@@ -295,7 +384,7 @@ class ReviewDock(QWidget):
         current_export = self.export_source.currentData()
         self.run_combo.blockSignals(True)
         self.run_combo.clear()
-        self.run_combo.addItem("latest run of every method", "")
+        self.run_combo.addItem("each method's best run (by validation)", "")
         self.export_source.clear()
         self.export_source.addItem("accepted labels", "labels")
         for method, runs in available.items():
@@ -340,11 +429,16 @@ class ReviewDock(QWidget):
         methods = self.methods_in_table()
         headers = ["case", "labeled", "note"]
         for m in methods:
-            headers += [f"{m}\nmean", f"{m}\nworst"]
+            headers += [f"{m}\nagreement Dice\nmean", f"{m}\nagreement Dice\nworst class"]
         self.table.blockSignals(True)
         self.table.clearContents()
         self.table.setColumnCount(len(headers))
         self.table.setHorizontalHeaderLabels(headers)
+        for j in range(3, len(headers)):
+            what = "mean over classes" if j % 2 else "its worst class"
+            self.table.horizontalHeaderItem(j).setToolTip(
+                f"Dice between the pseudo-label views of {methods[(j - 3) // 2]}, {what}: low = the views "
+                "disagree, a doubtful case")
         self.table.setRowCount(len(rows))
         for i, row in enumerate(rows):
             notes = [n for n, on in (("flagged", row.get("flagged")), ("draft", row.get("draft"))) if on]
@@ -441,7 +535,13 @@ class ReviewDock(QWidget):
         self.image = None
         self.views = {}
         self._baseline = self._start = None
+        self._disagreement, self._profiles, self._accepted = {}, {}, None
+        self._label_version, self._version_known = None, False
         self.view_combo.clear()
+        self.disagreement_combo.blockSignals(True)
+        self.disagreement_combo.clear()
+        self.disagreement_combo.blockSignals(False)
+        self.profile_plot.set_profile([])
         self._update_buttons()
 
     def _remove_layers(self) -> None:
@@ -478,6 +578,7 @@ class ReviewDock(QWidget):
                     set_if_changed(layer, "name", f"{key} (none for this case)")
                 return
             cmap_key = props.pop("cmap_key", None)
+            contour = props.pop("contour", None)
             if layer is not None and layer._type_string == kind:
                 layer.data = data
                 colormap = props.pop("colormap", None)
@@ -492,6 +593,8 @@ class ReviewDock(QWidget):
             if kind == "labels":
                 layer._semiseg_cmap = cmap_key
                 layer.editable = False
+                if contour is not None:
+                    set_if_changed(layer, "contour", contour)
 
         classes = ("classes", project.num_classes)
         steps.append(lambda: sync("image", image.array, "image", name=case, scale=scale, metadata=meta,
@@ -505,10 +608,20 @@ class ReviewDock(QWidget):
                 visible=i == 0, cmap_key=classes, colormap=label_colormap(project.num_classes)))
         for key in [k for k in self._layers if ":" in k and k not in payload["views"]]:
             steps.append(lambda key=key: sync(key, None, "labels"))
-        steps.append(lambda: sync(DISAGREEMENT, payload["disagreement"], "labels", name=DISAGREEMENT, scale=scale,
-                                  metadata=label_meta, opacity=0.6, visible=True, cmap_key="single",
+        by_method = payload["disagreement"]
+        shown = self._disagreement_choice(by_method)
+        steps.append(lambda: sync(DISAGREEMENT, None if shown is None else by_method[shown], "labels",
+                                  name=DISAGREEMENT, scale=scale, metadata=label_meta, opacity=1.0,
+                                  visible=self._outline_wanted(), contour=OUTLINE, cmap_key="single",
                                   colormap=single_colormap(DISAGREEMENT_RGB)))
         return steps
+
+    def _disagreement_choice(self, by_method: dict[str, np.ndarray]) -> str | None:
+        """The disagreement to show: the one chosen in the box when the case has it, else the first method's."""
+        current = self.disagreement_combo.currentData()
+        if current in by_method:
+            return current
+        return next(iter(by_method), None)
 
     def _run_steps(self, token: int, steps: list, done) -> None:
         """Run ``steps`` a few at a time (at least one, then until 30 ms passed) per turn of the event loop."""
@@ -535,6 +648,17 @@ class ReviewDock(QWidget):
         self._set_busy(False)
         case, image = payload["case"], payload["image"]
         self.case, self.image, self.views = case, image, payload["views"]
+        self._disagreement, self._profiles = payload["disagreement"], payload["profiles"]
+        self._accepted = payload["label"]
+        self._version_known = "label_version" in payload
+        self._label_version = payload.get("label_version")
+        shown = self._disagreement_choice(self._disagreement)
+        self.disagreement_combo.blockSignals(True)
+        self.disagreement_combo.clear()
+        for key in self._disagreement:
+            self.disagreement_combo.addItem(f"of {key}" if key == review.ALL_METHODS else f"of {key}'s views", key)
+        self.disagreement_combo.setCurrentIndex(max(0, self.disagreement_combo.findData(shown)))
+        self.disagreement_combo.blockSignals(False)
         # layer order: image at the bottom, then views, disagreement, correction on top
         self.view_combo.clear()
         for name in self.views:
@@ -551,9 +675,11 @@ class ReviewDock(QWidget):
         scale = layer_scale(image)
         self.viewer.dims.set_point(0, image.shape[0] * scale[0] / 2)
         self.viewer.reset_view()
-        n_dis = int(payload["disagreement"].sum()) if payload["disagreement"] is not None else 0
+        self._apply_disagreement(data=False)
+        n_dis = int(self._profiles[shown].sum()) if shown is not None else 0
+        where = "" if shown is None else f" ({'all methods' if shown == review.ALL_METHODS else shown})"
         self._say(f"{case}: {len(self.views)} pseudo-label view(s)"
-                  + (f", views disagree on {n_dis} voxels" if self.views else ", no pseudo labels yet"))
+                  + (f", views disagree on {n_dis} voxels{where}" if self.views else ", no pseudo labels yet"))
         self._update_buttons()
         self._fill_table()
         self.case_loaded.emit(case)
@@ -575,6 +701,85 @@ class ReviewDock(QWidget):
         elif answer == "Discard draft":
             review.discard_draft(self.project, self.case)
             self.refresh()
+
+    # ---- comparing views ------------------------------------------------------------------------------------------
+    def _outline_wanted(self) -> bool:
+        """The disagreement outline is drawn when asked for and the canvas is 2D (no outline in 3D)."""
+        dims = getattr(self.viewer, "dims", None)
+        return self.disagreement_check.isChecked() and (dims is None or dims.ndisplay == 2)
+
+    def disagreement_shown(self) -> str | None:
+        """Whose disagreement the outline and the slice profile show (None: the case has none)."""
+        key = self.disagreement_combo.currentData()
+        return key if key in self._disagreement else None
+
+    def _apply_disagreement(self, data: bool = False) -> None:
+        """Show the chosen method's disagreement (``data``: swap the layer's data to it) when wanted, its
+        per-slice profile in the plot."""
+        key = self.disagreement_shown()
+        layer = self._live(DISAGREEMENT)
+        if layer is not None and key is not None:
+            if data:
+                layer.data = self._disagreement[key]
+            set_if_changed(layer, "visible", self._outline_wanted())
+        elif layer is not None:
+            set_if_changed(layer, "visible", False)
+        self.profile_plot.set_profile([] if key is None else self._profiles[key], self.current_slice())
+
+    def _on_ndisplay(self, _event: Any = None) -> None:
+        if alive(self):
+            self._apply_disagreement()
+
+    def _on_step(self, _event: Any = None) -> None:
+        if alive(self) and self._profiles:
+            self.profile_plot.set_current(self.current_slice())
+
+    def current_slice(self) -> int | None:
+        """The axial slice on screen (index into the case's ``[z, y, x]`` arrays)."""
+        if self.image is None:
+            return None
+        scale = layer_scale(self.image)[0]
+        z = int(round(float(self.viewer.dims.point[0]) / scale))
+        return min(max(z, 0), self.image.shape[0] - 1)
+
+    def go_to_slice(self, z: int) -> None:
+        """Show axial slice ``z`` of the open case."""
+        if self.image is None:
+            return
+        z = min(max(int(z), 0), self.image.shape[0] - 1)
+        self.viewer.dims.set_point(0, z * layer_scale(self.image)[0])
+        self.profile_plot.set_current(z)
+
+    def go_to_worst_slice(self) -> int | None:
+        """Go to the slice where the shown disagreement is largest; returns it (None when the views agree)."""
+        key = self.disagreement_shown()
+        z = None if key is None else review.worst_slice(self._profiles[key])
+        if z is None:
+            self._say(f"{self.case}: the views agree on every slice" if self.case else "No case open")
+            return None
+        self.go_to_slice(z)
+        self._say(f"{self.case}: slice {z}, {int(self._profiles[key][z])} voxels of disagreement "
+                  f"({'all methods' if key == review.ALL_METHODS else key})")
+        return z
+
+    def visible_view(self) -> str | None:
+        """The view shown when exactly one is visible, else None."""
+        shown = [name for name in self.views if (layer := self._live(name)) is not None and layer.visible]
+        return shown[0] if len(shown) == 1 else None
+
+    def cycle_view(self) -> str | None:
+        """Show the next pseudo-label view alone (after the visible one, in layer order); returns its name."""
+        names = list(self.views)
+        if not names:
+            return None
+        current = self.visible_view()
+        nxt = names[(names.index(current) + 1) % len(names)] if current in names else names[0]
+        for name in names:
+            layer = self._live(name)
+            if layer is not None:
+                set_if_changed(layer, "visible", name == nxt)
+        self._say(f"{self.case}: showing {nxt} ({names.index(nxt) + 1} of {len(names)})")
+        return nxt
 
     # ---- correcting ---------------------------------------------------------------------------------------------
     def start_from(self, view: str | None) -> None:
@@ -671,11 +876,12 @@ class ReviewDock(QWidget):
         return {"started_from": self._start_source, "seconds_spent": round(self.seconds_spent(), 1),
                 "runs": self.selected_runs()}
 
-    def save_draft(self, *, wait: bool = False) -> None:
-        """Write the correction as the case's draft (in a thread unless ``wait``)."""
+    def save_draft(self, *, wait: bool = False, force: bool = False) -> None:
+        """Write the correction as the case's draft (in a thread unless ``wait``; ``force``: even without edits
+        since it started, e.g. a view accepted as it is that could not be written)."""
         if self.correction_layer is None or self.case is None or self.image is None:
             return
-        if not self.has_unsaved_edits():
+        if not force and not self.has_unsaved_edits():
             return
         project, case = self.project, self.case
         volume = self.image.like(np.array(self.correction_layer.data, dtype=np.uint8))
@@ -728,25 +934,63 @@ class ReviewDock(QWidget):
             show_error(f"{case}: the correction holds label {top}; this project declares "
                        f"{', '.join(f'{k}={v}' for k, v in project.labels.items())}. Fix it before accepting.")
             return
+        references = {**self.views, "the accepted label": self._accepted}
+        warnings = review.accept_warnings(array, references, project.labels)
+        if warnings:
+            answer = _state.ask(self, "Accept this label?",
+                                f"The label of {case} " + "; ".join(warnings) + ". Accept it anyway?",
+                                [ACCEPT_ANYWAY, CANCEL], default=CANCEL)
+            if answer != ACCEPT_ANYWAY:
+                self._say(f"{case}: not accepted (" + "; ".join(warnings) + ")")
+                return
+        self._write(case, array, check=True)
+
+    def _write(self, case: str, array: np.ndarray, *, check: bool) -> None:
+        """Accept ``array`` in a thread; ``check``: only if the label on disk is still the one the case was
+        opened with."""
         self._autosave.stop()
         self._set_busy(True)
         self._say(f"{case}: accepting...")
-        start_worker(self, review.accept_correction, project, case, array, source=self._start_source,
+        expected = {"expected_version": self._label_version} if check and self._version_known else {}
+        start_worker(self, _accept, self.project, case, array, expected, source=self._start_source,
                      start=self._start, seconds=self.seconds_spent(),
-                     on_done=lambda record: self._on_accepted(case, array, record),
-                     on_error=self._on_accept_failed)
+                     on_done=lambda result: self._on_accepted(case, array, *result),
+                     on_error=lambda exc: self._on_accept_failed(case, array, exc))
 
-    def _on_accept_failed(self, exc: BaseException) -> None:
+    def _on_accept_failed(self, case: str, array: np.ndarray, exc: BaseException) -> None:
         from napari.utils.notifications import show_error
 
         self._set_busy(False)
+        conflict = getattr(_errors, "LabelConflictError", None)
+        if conflict is not None and isinstance(exc, conflict) and case == self.case:
+            self._on_conflict(case, array, exc)
+            return
         show_error(f"Not accepted: {exc}")
 
-    def _on_accepted(self, case: str, array: np.ndarray, record: dict[str, Any]) -> None:
+    def _on_conflict(self, case: str, array: np.ndarray, exc: BaseException) -> None:
+        """The label changed on disk since the case was opened: overwrite it, or keep the correction as a draft
+        (reopen the case to see the other label, then restore the draft)."""
+        answer = _state.ask(self, "The label changed on disk",
+                            f"The label of {case} ({getattr(exc, 'path', None) or 'labelsTr'}) was written by "
+                            f"someone else (another viewer or the command line) since you opened the case.\n"
+                            f"Overwrite it with your correction, or keep your correction as a draft (open the case "
+                            f"again to see their label and restore your draft)?", [OVERWRITE, KEEP], default=KEEP)
+        if answer == OVERWRITE:
+            self._write(case, array, check=False)
+            return
+        self.save_draft(wait=True, force=True)
+        if self.correction_layer is not None:
+            self._baseline = np.asarray(self.correction_layer.data).copy()  # what is on disk: the draft
+        self._say(f"{case}: not accepted, the label on disk changed; your correction is kept as a draft (open "
+                  f"the case again to compare)")
+
+    def _on_accepted(self, case: str, array: np.ndarray, record: dict[str, Any], version: Any = None) -> None:
         self._set_busy(False)
         review.discard_draft(self.project, case)  # an autosave that was in flight while accepting
         if case == self.case:
             self._baseline = array
+            self._accepted = array
+            self._label_version = version
         self._say(f"{case}: accepted ({record.get('voxels_edited', 0)} voxels edited, "
                   f"{record.get('seconds_spent', 0):.0f} s on the case, written in {record['accept_seconds']:.2f} s)")
         self.accepted.emit(case, record)
@@ -833,18 +1077,31 @@ def _table_data(project: Project, runs: dict[str, str] | None
 
 def _load_case(project: Project, case: str, runs: dict[str, str] | None) -> dict[str, Any]:
     """Worker: everything the dock shows for ``case``, read and computed off the main thread."""
+    versioned = hasattr(project, "label_version")
+    version = project.label_version(case) if versioned else None  # before reading: a later write shows up
     image = project.read_image(case)
     label = project.read_label(case)
     views = review.read_views(project, case, runs, image=image)
-    arrays = list(views.values())
+    by_method = review.disagreement_by_method(views)
     finite = image.array[::2, ::2, ::2]
     low, high = (float(v) for v in np.percentile(finite, [0.5, 99.5]))
-    return {
+    payload = {
         "case": case,
         "image": image,
         "label": None if label is None or image.geometry_mismatch(label) else label.array.astype(np.uint8),
         "views": views,
-        "disagreement": review.disagreement(arrays) if len(arrays) > 1 else None,
+        "disagreement": by_method,
+        "profiles": {key: review.slice_profile(mask) for key, mask in by_method.items()},
         "contrast": (low, high if high > low else low + 1.0),
         "draft": review.load_draft(project, case),
     }
+    if versioned:
+        payload["label_version"] = version
+    return payload
+
+
+def _accept(project: Project, case: str, array: np.ndarray, check: dict[str, Any], **kwargs: Any
+            ) -> tuple[dict[str, Any], Any]:
+    """Worker: accept, then read the label's new version (the token the next accept of this viewer expects)."""
+    record = review.accept_correction(project, case, array, **check, **kwargs)
+    return record, project.label_version(case) if hasattr(project, "label_version") else None

@@ -3,6 +3,11 @@
 Training and inference run in a child process through :mod:`backend.jobs` (never in napari's process, which
 never even imports torch: the method and device lists come from a short child process too).  A ``QTimer`` reads
 the job's event stream incrementally every 250 ms; each read costs one small file read.
+
+*Infer* uses, per method, the run with the best validation Dice (:func:`backend.review.best_runs`, the rule of
+``backend.training.best_run``) unless the user picked a run in the models table; the dock says which and why.
+Validation Dice (on held-out labeled cases) and DiffRect's calibration Dice (``tau_l``, ``tau_u`` of its eq. 6,
+reported by each training step) are shown apart.  Closing napari while a job runs asks first.
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qtpy.QtCore import QProcess, QTimer, Signal
+from qtpy.QtCore import QEvent, QObject, QProcess, QTimer, Signal
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QComboBox,
@@ -32,12 +37,18 @@ from qtpy.QtWidgets import (
 from backend import review
 from backend.errors import InputError, JobBusyError
 from backend.project import Project
+from napari_semiseg import _state
 from napari_semiseg._plot import CurvePlot
-from napari_semiseg._state import ProjectState
+from napari_semiseg._state import ProjectState, alive
 
 POLL_MS = 250
 STATUS_EVERY = 8  # polls between job_status checks (a job killed without a final event shows up as "dead")
 FINAL = ("done", "cancelled", "error", "dead")
+SEMI_SUPERVISED_FIRST = ("diffrect", "genericssl", "diffcl")  # the default method: a semi-supervised one
+LOSS_SERIES = 4  # loss curves drawn (the total first, as each method reports it); the rest are in metrics.jsonl
+CALIBRATION = ("tau_l", "tau_u")  # DiffRect's calibration-guidance Dice (eq. 6), reported with the losses
+KEEP_RUNNING, CANCEL_JOB, STAY = "Close, keep the job running", "Cancel the job and close", "Don't close"
+BEST, PICKED = "best by validation", "your pick"
 
 
 class TrainingDock(QWidget):
@@ -58,6 +69,10 @@ class TrainingDock(QWidget):
         self._polls = 0
         self._last_step = 0
         self.choices: dict[str, Any] = {}
+        self.models: list[dict[str, Any]] = []
+        self.best: dict[str, str] = {}    # {method: run} with the best validation Dice
+        self.picked: dict[str, str] = {}  # {method: run} the user chose to infer with (else the best by validation)
+        self._syncing = False
         #: config overrides sent with training jobs (no widget: for scripts and tests, e.g. {"val_every": 10})
         self.overrides: dict[str, Any] | None = None
         self._build_ui()
@@ -67,6 +82,10 @@ class TrainingDock(QWidget):
         self.state.project_changed.connect(self._on_project_changed)
         self.state.labels_changed.connect(self._on_labels_changed)
         self.state.models_changed.connect(self._refresh_models)
+        self._close_guard = _JobCloseGuard(self)
+        window = getattr(getattr(napari_viewer, "window", None), "_qt_window", None)
+        if window is not None:
+            window.installEventFilter(self._close_guard)
         self._load_choices()
         self._on_project_changed(self.state.project)
 
@@ -104,7 +123,7 @@ class TrainingDock(QWidget):
         self.train_button.clicked.connect(self.start_training)
         self.infer_button = QPushButton("Infer")
         self.infer_button.setToolTip("Regenerate pseudo labels and agreement scores of every unlabeled case "
-                                     "with the model chosen below (default: the method's latest)")
+                                     "with the run named below (the best by validation unless you click another)")
         self.infer_button.clicked.connect(self.start_inference)
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.clicked.connect(self.cancel)
@@ -123,24 +142,43 @@ class TrainingDock(QWidget):
         self.status = QLabel("")
         self.status.setWordWrap(True)
         layout.addWidget(self.status)
-        self.dice_label = QLabel("Calibration Dice: -")
-        self.dice_label.setToolTip("Validation Dice of the model on held-out labeled cases, as training goes")
+        self.dice_label = QLabel("Validation Dice: -")
+        self.dice_label.setWordWrap(True)
+        self.dice_label.setToolTip("Dice of the model against labeled cases held out of training (or, with fewer "
+                                   "than five labeled cases, the training cases), at each validation")
         layout.addWidget(self.dice_label)
-        self.loss_plot = CurvePlot("training losses (log)", log_y=True)
+        self.calibration_label = QLabel("Calibration Dice: -")
+        self.calibration_label.setWordWrap(True)
+        self.calibration_label.setToolTip(
+            "DiffRect's calibration guidance (eq. 6): tau_l = Dice(weak prediction, label) on labeled slices, "
+            "tau_u = Dice(strong, weak prediction) on unlabeled slices, batch means of the last step")
+        layout.addWidget(self.calibration_label)
+        self.loss_plot = CurvePlot("training losses (log)", log_y=True, max_series=LOSS_SERIES)
         self.dice_plot = CurvePlot("validation Dice", y_range=(0.0, 1.0))
         layout.addWidget(self.loss_plot)
         layout.addWidget(self.dice_plot)
 
-        layout.addWidget(QLabel("Trained models (select one to infer with)"))
-        self.models_table = QTableWidget(0, 4)
-        self.models_table.setHorizontalHeaderLabels(["method", "run", "labeled cases", "calibration Dice"])
+        layout.addWidget(QLabel("Trained models (click a run to infer with it)"))
+        self.models_table = QTableWidget(0, 5)
+        self.models_table.setHorizontalHeaderLabels(["method", "run", "labeled cases", "best validation Dice",
+                                                     "Infer uses"])
         self.models_table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.models_table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.models_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.models_table.verticalHeader().setVisible(False)
         self.models_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         self.models_table.setMaximumHeight(140)
+        self.models_table.itemSelectionChanged.connect(self._on_model_clicked)
         layout.addWidget(self.models_table)
+        model_row = QHBoxLayout()
+        self.model_label = QLabel("Infer uses: -")
+        self.model_label.setWordWrap(True)
+        self.best_button = QPushButton("Use best")
+        self.best_button.setToolTip("Infer with the run that has the best validation Dice (forget your pick)")
+        self.best_button.clicked.connect(lambda: self.use_best(self.method_combo.currentText()))
+        model_row.addWidget(self.model_label, stretch=1)
+        model_row.addWidget(self.best_button)
+        layout.addLayout(model_row)
         layout.addStretch(1)
         self._update_buttons()
 
@@ -185,9 +223,13 @@ class TrainingDock(QWidget):
         current = self.method_combo.currentText()
         self.method_combo.blockSignals(True)
         self.method_combo.clear()
-        self.method_combo.addItems(list(choices.get("methods", {})))
-        if current:
+        methods = list(choices.get("methods", {}))
+        self.method_combo.addItems(methods)
+        preferred = [m for m in SEMI_SUPERVISED_FIRST if m in methods]
+        if current in methods:
             self.method_combo.setCurrentText(current)
+        elif preferred:  # the baseline is what the semi-supervised methods are compared against, not the default
+            self.method_combo.setCurrentText(preferred[0])
         self.method_combo.blockSignals(False)
         self._on_method_changed(self.method_combo.currentText())
         self.device_combo.clear()
@@ -205,7 +247,7 @@ class TrainingDock(QWidget):
             if preferred in presets:
                 self.preset_combo.setCurrentText(preferred)
                 break
-        self._select_model_of(method)
+        self._show_model_choice()
 
     # ---- project --------------------------------------------------------------------------------------------------
     def _choose_project(self) -> None:
@@ -243,27 +285,86 @@ class TrainingDock(QWidget):
     def _refresh_models(self) -> None:
         project = self.state.project
         self.models = [] if project is None else review.model_runs(project)
+        self.best = {} if project is None else review.best_runs(project, self.models)
+        usable = {(r["method"], r["run"]) for r in self.models if r.get("has_checkpoint")}
+        self.picked = {m: r for m, r in self.picked.items() if (m, r) in usable}  # a deleted run is no pick
         labeled = 0 if project is None else len(project.labeled_cases())
+        self._syncing = True
         self.models_table.setRowCount(len(self.models))
         for i, run in enumerate(reversed(self.models)):
-            dice = (run.get("last_validation") or {}).get("mean")
+            dice = run.get("best_dice")
             count = run.get("labeled_count")
             count_text = "-" if count is None else f"{count} (now {labeled})" if count != labeled else str(count)
-            cells = [run["method"], run["run"], count_text, "-" if dice is None else f"{float(dice):.3f}"]
+            cells = [run["method"], run["run"], count_text, "-" if dice is None else f"{float(dice):.3f}",
+                     self._use_text(run["method"], run["run"])]
             for j, text in enumerate(cells):
                 item = QTableWidgetItem(text)
                 if j == 2 and count is not None and count != labeled:
                     item.setToolTip("The labeled set has changed since this model was trained: retrain to use it")
                 self.models_table.setItem(i, j, item)
-        self._select_model_of(self.method_combo.currentText())
+        self._syncing = False
+        self._show_model_choice()
 
-    def _select_model_of(self, method: str) -> None:
-        for i in range(self.models_table.rowCount()):
-            item = self.models_table.item(i, 0)
-            if item is not None and item.text() == method:
-                self.models_table.selectRow(i)
-                return
+    def _use_text(self, method: str, run: str) -> str:
+        if self.picked.get(method) == run:
+            return PICKED
+        return BEST if method not in self.picked and self.best.get(method) == run else ""
+
+    def inference_run(self, method: str) -> tuple[str | None, str]:
+        """``(run, why)``: the run *Infer* uses for ``method`` (None: no trained run) and ``"your pick"`` or
+        ``"best by validation"``."""
+        if method in self.picked:
+            return self.picked[method], PICKED
+        return self.best.get(method), BEST
+
+    def _show_model_choice(self) -> None:
+        """Select the row of the run Infer will use for the chosen method and say which and why."""
+        method = self.method_combo.currentText()
+        run, why = self.inference_run(method)
+        self._syncing = True
         self.models_table.clearSelection()
+        for i in range(self.models_table.rowCount()):
+            m, r = self.models_table.item(i, 0), self.models_table.item(i, 1)
+            if m is not None and r is not None and m.text() == method and r.text() == run:
+                self.models_table.selectRow(i)
+            use = self.models_table.item(i, 4)
+            if use is not None and m is not None and r is not None:
+                use.setText(self._use_text(m.text(), r.text()))
+        self._syncing = False
+        if not method:
+            self.model_label.setText("Infer uses: -")
+        elif run is None:
+            self.model_label.setText(f"Infer uses: no trained run of {method} yet")
+        else:
+            info = next((x for x in self.models if x["method"] == method and x["run"] == run), {})
+            dice = info.get("best_dice")
+            self.model_label.setText(f"Infer uses: {method} run {run}, {why}"
+                                     + ("" if dice is None else f" (validation Dice {float(dice):.3f})"))
+        self.best_button.setEnabled(method in self.picked)
+
+    def _on_model_clicked(self) -> None:
+        if self._syncing:
+            return
+        model = self.selected_model()
+        if model is None:
+            return
+        self.pick_run(*model)
+
+    def pick_run(self, method: str, run: str) -> None:
+        """Infer ``method`` with ``run`` from now on (instead of the best by validation); selects the method."""
+        if run == self.best.get(method):
+            self.picked.pop(method, None)  # picking the best is no pick: it follows later, better runs
+        else:
+            self.picked[method] = run
+        if self.method_combo.currentText() != method and self.method_combo.findText(method) >= 0:
+            self.method_combo.setCurrentText(method)  # shows the choice through _on_method_changed
+        else:
+            self._show_model_choice()
+
+    def use_best(self, method: str) -> None:
+        """Forget the pick for ``method``: Infer uses its best run by validation again."""
+        self.picked.pop(method, None)
+        self._show_model_choice()
 
     def selected_model(self) -> tuple[str, str] | None:
         rows = self.models_table.selectionModel().selectedRows()
@@ -282,17 +383,18 @@ class TrainingDock(QWidget):
             spec["steps"] = self.steps_spin.value() or None
             if self.overrides:
                 spec["overrides"] = dict(self.overrides)
+        else:
+            run, _why = self.inference_run(spec["method"])
+            if run is not None:
+                spec["run"] = run
         return spec
 
     def start_training(self) -> str | None:
         return self._start(self.spec("train"))
 
     def start_inference(self) -> str | None:
-        spec = self.spec("infer")
-        model = self.selected_model()
-        if model is not None:
-            spec["method"], spec["run"] = model
-        return self._start(spec)
+        """Infer the chosen method with the run the dock shows (the user's pick, else the best by validation)."""
+        return self._start(self.spec("infer"))
 
     def _start(self, spec: dict[str, Any]) -> str | None:
         from backend.jobs import start_job
@@ -317,7 +419,8 @@ class TrainingDock(QWidget):
         self._last_step = 0
         self.loss_plot.clear()
         self.dice_plot.clear()
-        self.dice_label.setText("Calibration Dice: -")
+        self.dice_label.setText("Validation Dice: -")
+        self.calibration_label.setText("Calibration Dice: -")
         self.progress.setRange(0, 0)  # busy until the first progress event
         self.progress.setFormat(f"{kind or 'job'} starting...")
         self._say(f"Job {job_id} started")
@@ -370,11 +473,18 @@ class TrainingDock(QWidget):
             eta = event.get("eta_s")
             eta_text = "" if eta is None else f"  ETA {_duration(float(eta))}"
             self.progress.setFormat(f"{self.job_kind or 'job'} step {step}/{total or '?'}{eta_text}")
-            for name, value in (event.get("losses") or {}).items():
+            losses = event.get("losses") or {}
+            for name, value in losses.items():
+                if not name.startswith("loss"):
+                    continue  # weights, thresholds, Dice terms: not losses
                 try:
                     self.loss_plot.add_point(name, step, float(value))
                 except (TypeError, ValueError):
                     continue
+            if all(isinstance(losses.get(k), (int, float)) for k in CALIBRATION):
+                self.calibration_label.setText(
+                    f"Calibration Dice (eq. 6) at step {step}: tau_l {float(losses['tau_l']):.3f} (weak vs label), "
+                    f"tau_u {float(losses['tau_u']):.3f} (strong vs weak)")
         elif kind == "validation":
             mean = event.get("mean")
             step = event.get("step", self._last_step)
@@ -387,7 +497,8 @@ class TrainingDock(QWidget):
                     for name, value in per_class.items():
                         self.dice_plot.add_point(str(name), step, float(value))
                 where = " on the training cases" if event.get("val_on_train") else ""
-                self.dice_label.setText(f"Calibration Dice: {float(mean):.3f}{detail} at step {step}{where}")
+                best = " (best so far)" if event.get("best") else ""
+                self.dice_label.setText(f"Validation Dice: {float(mean):.3f}{detail} at step {step}{where}{best}")
         elif kind == "checkpoint":
             self._say(f"checkpoint saved at step {event.get('step', self._last_step)}")
             self._refresh_models()
@@ -431,6 +542,19 @@ class TrainingDock(QWidget):
         self.progress.setFormat(f"{self.job_kind or 'job'} cancelling...")
         self._say(f"Cancelling {self.job_id} (training saves a checkpoint, then stops)")
 
+    def confirm_close(self) -> bool:
+        """Asked when the viewer closes while a job runs: True lets it close (after cancelling, if chosen)."""
+        kind = self.job_kind or "job"
+        answer = _state.ask(self, f"A {kind} job is running",
+                            f"The {kind} job {self.job_id} is still running. It runs in its own process: it can "
+                            f"go on after napari closes (open the project again to follow it), or be cancelled "
+                            f"now{' (it saves a checkpoint; Resume continues it)' if kind == 'train' else ''}.",
+                            [KEEP_RUNNING, CANCEL_JOB, STAY], default=STAY)
+        if answer == CANCEL_JOB:
+            self.cancel()
+            return True
+        return answer == KEEP_RUNNING
+
     def _resumable(self) -> str | None:
         """The job Resume would continue: the followed one, else the newest training job that did not finish."""
         from backend.jobs import list_jobs
@@ -463,6 +587,29 @@ class TrainingDock(QWidget):
             return None
         self.follow(new_id, "train")
         return new_id
+
+
+class _JobCloseGuard(QObject):
+    """Event filter on the viewer's main window: closing it while a job runs asks whether to leave the job
+    running (it is a separate process; reopening the project follows it again), cancel it, or stay."""
+
+    def __init__(self, dock: TrainingDock):
+        super().__init__(dock)
+        self.dock = dock
+
+    def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt name)
+        if event.type() != QEvent.Type.Close:
+            return False
+        try:
+            if not alive(self.dock) or not self.dock.is_running() or not obj.isVisible():
+                return False  # nothing runs, or a hidden window (scripts, tests): nobody to ask
+            answer = self.dock.confirm_close()
+        except RuntimeError:  # the dock's C++ side is gone
+            return False
+        if answer:
+            return False
+        event.ignore()
+        return True
 
 
 def _duration(seconds: float) -> str:

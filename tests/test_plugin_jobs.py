@@ -61,7 +61,7 @@ def test_train_live_cancel_resume_then_infer_refreshes_the_review_table(docks, q
     progress = [e for e in events if e["type"] == "progress"]
     assert progress and training.progress.value() == progress[-1]["step"]
     assert "ETA" in training.progress.format() and training.loss_plot.series["loss"]
-    assert training.dice_label.text().startswith("Calibration Dice: ")
+    assert training.dice_label.text().startswith("Validation Dice: ")
     elapsed = sum(ticks.gaps)
     assert len(ticks.gaps) > elapsed / 0.010 * 0.3, "the event loop hardly ran while the job trained"
     training.viewer.window._qt_window.show()

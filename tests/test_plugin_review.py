@@ -73,8 +73,14 @@ def test_table_is_sorted_most_doubtful_first_and_filters(dock, qtbot, reviewed_p
     expected = sorted(unlabeled, key=lambda c: min(scores[m][c]["agreement_mean"] for m in FAKE_VIEWS))
     assert cases == expected + project.labeled_cases()
     headers = [dock.table.horizontalHeaderItem(i).text() for i in range(dock.table.columnCount())]
-    assert headers == ["case", "labeled", "note", "diffcl\nmean", "diffcl\nworst", "genericssl\nmean",
-                       "genericssl\nworst"]
+    assert headers == ["case", "labeled", "note", "diffcl\nagreement Dice\nmean",
+                       "diffcl\nagreement Dice\nworst class", "genericssl\nagreement Dice\nmean",
+                       "genericssl\nagreement Dice\nworst class"]
+    header = dock.table.horizontalHeader()  # no header or cell is cut: every column is as wide as its text
+    metrics = dock.table.fontMetrics()
+    for j, text in enumerate(headers):
+        widest = max(metrics.horizontalAdvance(line) for line in text.splitlines())
+        assert header.sectionSize(j) >= widest, (text, header.sectionSize(j), widest)
     first = expected[0]
     assert dock.table.item(0, 3).text() == f"{scores['diffcl'][first]['agreement_mean']:.3f}"
     assert dock.table.item(0, 4).text() == f"{scores['diffcl'][first]['agreement_worst']:.3f}"
@@ -110,10 +116,15 @@ def test_case_layers_names_scale_dtype_and_colours(dock, qtbot, reviewed_project
             for k in (1, 2):  # one colour per class, the same in every layer (the shared palette)
                 assert np.allclose(layer.colormap.map(k)[:3], label_color(k), atol=1e-6)
     assert viewer.layers[case].data.shape == image.shape
-    expected = review.disagreement(list(views.values()))
-    assert viewer.layers[DISAGREEMENT].data.dtype == np.uint8
-    assert np.array_equal(viewer.layers[DISAGREEMENT].data, expected) and expected.any()
-    assert f"{int(expected.sum())} voxels" in dock.status.text()
+    # the outline shows one method's disagreement (its own views), the first method's by default
+    expected = review.disagreement([views["diffcl:cs"], views["diffcl:ds"]])
+    layer = viewer.layers[DISAGREEMENT]
+    assert dock.disagreement_shown() == "diffcl"
+    assert layer.data.dtype == np.uint8 and layer.contour > 0 and layer.visible
+    assert np.array_equal(layer.data, expected) and expected.any()
+    assert f"{int(expected.sum())} voxels (diffcl)" in dock.status.text()
+    only_first = [layer.name for layer in viewer.layers if layer.name in VIEW_NAMES and layer.visible]
+    assert only_first == [VIEW_NAMES[0]]
 
 
 def test_correct_and_accept_grows_the_labeled_set(dock, qtbot, reviewed_project):

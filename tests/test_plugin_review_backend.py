@@ -113,3 +113,87 @@ def test_accept_of_a_256_cube_label_is_fast(tmp_path):
     # compresses the label twice (labelsTr + history snapshot, ~0.2 s each): CPU time is the fair measure on a
     # shared machine; the bound is loose until Project.accept takes the geometry from the header.
     assert cpu < 2.0
+
+
+def test_disagreement_per_method_and_its_slice_profile():
+    a = np.zeros((4, 3, 3), np.uint8)
+    b = a.copy()
+    b[1, 0, :2] = 1   # method m's views differ on 2 voxels of slice 1
+    c = a.copy()
+    c[3] = 2          # method n's only view differs from m's on all of slice 3
+    by = review.disagreement_by_method({"m:x": a, "m:y": b, "n:z": c})
+    assert list(by) == ["m", review.ALL_METHODS]  # n has one view: no disagreement of its own
+    assert review.slice_profile(by["m"]).tolist() == [0, 2, 0, 0]
+    assert review.slice_profile(by[review.ALL_METHODS]).tolist() == [0, 2, 0, 9]
+    assert review.worst_slice(review.slice_profile(by[review.ALL_METHODS])) == 3
+    assert review.worst_slice([0, 0]) is None
+    assert review.disagreement_by_method({"m:x": a}) == {}
+
+
+def test_accept_warnings_for_an_empty_label_or_a_dropped_class():
+    labels = {0: "background", 1: "GM", 2: "WM"}
+    view = np.zeros((2, 4, 4), np.uint8)
+    view[0, :2] = 1
+    view[1, :2] = 2
+    assert review.accept_warnings(view, {"m:v": view}, labels) == []
+    empty = np.zeros_like(view)
+    assert review.accept_warnings(empty, {"m:v": view}, labels) == ["it is empty (background only)"]
+    no_wm = np.where(view == 2, 1, view).astype(np.uint8)
+    assert review.accept_warnings(no_wm, {"m:v": view, "the accepted label": None}, labels) == [
+        "it has no 'WM' (label 2), which m:v has"]
+    assert review.accept_warnings(no_wm, {"m:v": no_wm}, labels) == []  # no reference has WM either
+    accepted = view.copy()
+    assert "m:v, the accepted label have" in review.accept_warnings(no_wm, {"m:v": view, "the accepted label":
+                                                                            accepted}, labels)[0]
+
+
+def test_inference_default_is_the_best_run_by_validation_as_the_engine_picks_it(reviewed_project):
+    """The docks read the best run from run.json files (napari never imports torch); the engine's
+    ``best_run`` decides what inference uses: both must agree."""
+    from backend import training
+
+    best_run = getattr(training, "best_run", None)
+    if best_run is None:
+        pytest.skip("backend.training.best_run is not there yet")
+    from backend.project import write_json_atomic
+
+    project = reviewed_project
+
+    def run(method, name, info, checkpoint=True):
+        folder = project.model_dir(method, name)
+        write_json_atomic(folder / "run.json", info)
+        if checkpoint:
+            (folder / "checkpoint.pt").write_bytes(b"")
+
+    run("diffrect", "20260101-000000", {"best": {"step": 50, "dice": 0.759}, "last_validation": {"mean": 0.5}})
+    run("diffrect", "20260102-000000", {"best": {"step": 10, "dice": 0.134}})
+    run("diffrect", "20260103-000000", {"best": {"step": 10, "dice": 0.9}}, checkpoint=False)  # no checkpoint
+    run("diffcl", "20260101-000000", {"last_validation": {"mean": 0.4}})   # written before best.pt existed
+    run("diffcl", "20260102-000000", {"last_validation": {"mean": 0.4}})   # a tie: the newer
+    run("genericssl", "20260101-000000", {})                               # never validated: the newest
+    run("genericssl", "20260102-000000", {})
+    run("supervised", "20260101-000000", {"best": {"step": 5, "dice": 0.2}})
+    run("supervised", "20260102-000000", {})                               # validated beats not validated
+    ours = review.best_runs(project)
+    assert ours == {"diffrect": "20260101-000000", "diffcl": "20260102-000000",
+                    "genericssl": "20260102-000000", "supervised": "20260101-000000"}
+    for method, chosen in ours.items():
+        assert best_run(project, method) == chosen, method
+
+
+def test_the_review_shows_the_pseudo_labels_of_the_best_model_not_the_newest(reviewed_project):
+    from backend.project import write_json_atomic
+    from test_plugin_fixtures import write_fake_pseudo_labels
+
+    project = reviewed_project
+    newer = "20250202-000000"
+    write_fake_pseudo_labels(project, run=newer, methods={"diffcl": ("cs", "ds")})
+    assert review.default_runs(project) == {"diffcl": newer, "genericssl": FAKE_RUN}  # no models: the newest
+    for run, dice in ((FAKE_RUN, 0.759), (newer, 0.134)):
+        folder = project.model_dir("diffcl", run)
+        write_json_atomic(folder / "run.json", {"best": {"step": 1, "dice": dice}})
+        (folder / "checkpoint.pt").write_bytes(b"")
+    assert review.default_runs(project) == {"diffcl": FAKE_RUN, "genericssl": FAKE_RUN}
+    assert {r["scores"]["diffcl"]["run"] for r in review.review_rows(project) if not r["labeled"]} == {FAKE_RUN}
+    case = project.unlabeled_cases()[0]
+    assert review.pseudo_views(project, case)["diffcl:cs"].parent.parent.name == FAKE_RUN

@@ -26,6 +26,7 @@ def test_methods_presets_and_devices_come_from_a_child_process(docks, qtbot):
             pass
     methods = [training.method_combo.itemText(i) for i in range(training.method_combo.count())]
     assert "supervised" in methods
+    assert training.method_combo.currentText() == "diffrect"  # a semi-supervised method, not the baseline
     training.method_combo.setCurrentText("supervised")
     presets = [training.preset_combo.itemText(i) for i in range(training.preset_combo.count())]
     assert "tiny" in presets and training.preset_combo.currentText() == "quick"
@@ -52,13 +53,14 @@ def test_job_events_drive_progress_curves_and_dice(docks, monkeypatch):
     assert training.progress.maximum() == 100
     for step in (10, 20, 30):
         training._show_event({"type": "progress", "step": step, "total": 100, "eta_s": 75.0 - step,
-                              "losses": {"sup": 1.0 / step, "cons": 0.5 / step}})
+                              "losses": {"loss_sup": 1.0 / step, "loss_cons": 0.5 / step, "lambda": 0.1}})
     assert training.progress.value() == 30
     assert training.progress.format() == "train step 30/100  ETA 0:45"
-    assert [p[0] for p in training.loss_plot.series["sup"]] == [10, 20, 30]
-    assert set(training.loss_plot.series) == {"sup", "cons"}
+    assert [p[0] for p in training.loss_plot.series["loss_sup"]] == [10, 20, 30]
+    assert set(training.loss_plot.series) == {"loss_sup", "loss_cons"}  # a weight is no loss
     training._show_event({"type": "validation", "step": 30, "dice": {"GM": 0.8, "WM": 0.7}, "mean": 0.75})
-    assert training.dice_label.text().startswith("Calibration Dice: 0.750")
+    assert training.dice_label.text().startswith("Validation Dice: 0.750")
+    assert training.calibration_label.text() == "Calibration Dice: -"  # diffcl reports no tau
     assert "GM 0.800" in training.dice_label.text()
     assert training.dice_plot.series["mean"] == [(30.0, 0.75)]
     assert "training cases" not in training.dice_label.text()
@@ -71,21 +73,55 @@ def test_job_events_drive_progress_curves_and_dice(docks, monkeypatch):
     assert training.progress.format() == "train error"
 
 
+def test_loss_plot_draws_a_few_losses_with_a_legend_apart_and_calibration_dice_on_its_own(docks, qtbot):
+    """DiffRect's progress events carry 12 scalars: the plot draws the first LOSS_SERIES losses (the total
+    first), the legend sits below the curves without overlap, tau_l/tau_u go to the calibration Dice line."""
+    from napari_semiseg.training_dock import LOSS_SERIES
+
+    _review, training = docks
+    training.set_choices({"methods": {"diffrect": ["tiny"]}, "devices": ["cpu"]})
+    training.job_id, training.job_kind = "20260101-000000-train-abcd", "train"
+    training._timer.start()
+    losses = {"loss": 2.0, "loss_sup": 0.9, "loss_semi": 0.4, "loss_rect": 0.3, "loss_lat_u": 0.2, "loss_lat_l": 0.2,
+              "loss_dec_l": 0.5, "loss_dec_u": 0.6, "tau_l": 0.61, "tau_u": 0.83, "confident": 0.7,
+              "consistency_weight": 0.1}
+    for step in (1, 2, 3):
+        training._show_event({"type": "progress", "step": step, "total": 10, "losses": losses})
+    plot = training.loss_plot
+    assert list(plot.series) == ["loss", "loss_sup", "loss_semi", "loss_rect"][:LOSS_SERIES]
+    assert plot.left_out == {"loss_lat_u", "loss_lat_l", "loss_dec_l", "loss_dec_u"}
+    assert not {"tau_l", "tau_u", "confident", "consistency_weight"} & set(plot.series)
+    assert training.calibration_label.text() == ("Calibration Dice (eq. 6) at step 3: tau_l 0.610 (weak vs label), "
+                                                 "tau_u 0.830 (strong vs weak)")
+    assert training.dice_label.text() == "Validation Dice: -"
+    boxes = [box for _i, box in plot._legend_layout(300)]  # in a 300 px wide dock
+    assert len(boxes) == LOSS_SERIES + 1 and plot.legend_entries()[-1] == "+4 more not drawn"
+    for a in range(len(boxes)):  # legend entries never overlap each other and stay inside the widget
+        assert boxes[a].right() <= 300
+        for b in range(a + 1, len(boxes)):
+            assert not boxes[a].intersects(boxes[b])
+    assert plot.legend_rows(300) >= 2
+    assert plot.minimumHeight() == 110 + 16 * plot.legend_rows()  # the widget grows by the rows its width needs
+    training._show_event({"type": "done", "run": "r"})
+
+
 def test_models_table_shows_the_labeled_set_size_of_each_model(docks, brain_project):
     _review, training = docks
     for run, count, dice in (("20250101-000000", 1, 0.61), ("20250102-000000", 2, 0.7)):
         folder = brain_project.model_dir("diffcl", run)
         write_json_atomic(folder / "run.json", {"method": "diffcl", "labeled_count": count,
                                                 "last_validation": {"mean": dice}})
+        (folder / "checkpoint.pt").write_bytes(b"")
     training.set_choices({"methods": {"diffcl": ["tiny"], "supervised": ["tiny"]}, "devices": ["cpu"]})
     training._refresh_models()
-    rows = [[training.models_table.item(i, j).text() for j in range(4)]
+    rows = [[training.models_table.item(i, j).text() for j in range(5)]
             for i in range(training.models_table.rowCount())]
-    assert rows == [["diffcl", "20250102-000000", "2 (now 1)", "0.700"], ["diffcl", "20250101-000000", "1", "0.610"]]
+    assert rows == [["diffcl", "20250102-000000", "2 (now 1)", "0.700", "best by validation"],
+                    ["diffcl", "20250101-000000", "1", "0.610", ""]]
     training.method_combo.setCurrentText("diffcl")
     assert training.selected_model() == ("diffcl", "20250102-000000")
     spec = training.spec("infer")
-    assert spec["method"] == "diffcl"
+    assert spec["method"] == "diffcl" and spec["run"] == "20250102-000000"
 
 
 def test_inference_done_refreshes_the_review_table(docks, qtbot, brain_project):
