@@ -3,8 +3,12 @@
 Semi-supervised methods see both kinds of data in every step (the two-stream batch sampler of UA-MT / SSL4MIS:
 ``batch_labeled`` labeled patches plus ``batch_unlabeled`` unlabeled ones).  This module
 
-* loads every volume once (:func:`load_case`): intensities normalised by :func:`backend.intensity.normalize_intensity`
-  for the project's modality and kept as float32 ``[C, Z, Y, X]``, labels as uint8 ``[Z, Y, X]``; volumes
+* loads every volume once (:func:`load_case`): resampled to the config's ``target_spacing`` when it has one
+  (:func:`resample_to_spacing`: SimpleITK, linear for images, nearest neighbour for labels, same origin and
+  direction), intensities clipped to its ``intensity_window`` and normalised by
+  :func:`backend.intensity.normalize_intensity` for the project's modality, kept as float32 ``[C, Z, Y, X]``,
+  labels as uint8 ``[Z, Y, X]``.  Inference prepares a volume the same way (:func:`model_input`) and brings
+  the labels back to the case's own grid (:func:`to_case_grid`); validation scores on the training grid.  Volumes
   smaller than the patch are zero-padded once, up front (MONAI ``SpatialPad``; zero is also what MONAI's
   sliding-window inference pads with, so training and inference see the same border);
 * cuts patches by plain array slicing (a batch takes about a millisecond, so loading never dominates a step):
@@ -33,6 +37,7 @@ import torch
 
 from backend.intensity import normalize_intensity
 from backend.project import Project
+from backend.volume import Volume
 
 FG_FRACTION = 2.0 / 3.0  # share of labeled patches centred on a labeled (foreground) voxel
 MAX_FG_SAMPLES = 100_000  # voxel positions kept per class for foreground oversampling
@@ -52,17 +57,73 @@ class CaseArrays:
         return tuple(self.image.shape[1:])
 
 
-def load_case(project: Project, case: str, *, with_label: bool = True) -> CaseArrays:
-    """Read and normalise one case (the label too when ``with_label`` and the case has one)."""
+# ---- preprocessing (the preset's grid and intensity window) ---------------------------------------------------
+def resample_to_spacing(volume: Volume, spacing: Sequence[float] | None, *, label: bool = False) -> Volume:
+    """``volume`` on a grid of ``spacing`` (x, y, z) mm with the same origin, direction and extent (SimpleITK
+    ``Resample``; linear interpolation for images, nearest neighbour for labels).  The volume itself when
+    ``spacing`` is None or already its spacing."""
+    if spacing is None or np.allclose(volume.spacing, spacing, rtol=0, atol=1e-6):
+        return volume
+    import SimpleITK as sitk
+
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"target_spacing must be three positive (x, y, z) mm values (got {spacing})")
+    size_xyz = volume.shape[::-1]
+    new_size = [max(1, int(round(n * s / t))) for n, s, t in zip(size_xyz, volume.spacing, spacing)]
+    source = volume.to_sitk()
+    if not label:
+        source = sitk.Cast(source, sitk.sitkFloat32)
+    out = sitk.Resample(source, new_size, sitk.Transform(), sitk.sitkNearestNeighbor if label else sitk.sitkLinear,
+                        volume.origin, spacing, tuple(volume.direction.ravel()), 0, source.GetPixelID())
+    return Volume.from_sitk(out)
+
+
+def to_case_grid(label: np.ndarray, grid: Volume, case_image: Volume) -> np.ndarray:
+    """A ``[Z, Y, X]`` label computed on ``grid`` (the resampled volume) resampled, nearest neighbour, onto the
+    exact grid of ``case_image``; returned as is when the two grids are the same."""
+    if grid is case_image or (grid.geometry_mismatch(case_image, tol=1e-6) is None):
+        return label
+    import SimpleITK as sitk
+
+    source = grid.like(np.ascontiguousarray(label, dtype=np.uint8)).to_sitk()
+    reference = case_image.to_sitk()
+    out = sitk.Resample(source, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(out)
+
+
+def preprocess_image(image: Volume, modality: str, config: Any = None) -> tuple[np.ndarray, Volume]:
+    """``(normalised float32 [C, Z, Y, X], the grid it lies on)``: ``image`` resampled to the config's
+    ``target_spacing`` and normalised with its ``intensity_window`` (both optional config fields, None: as
+    stored)."""
+    grid = resample_to_spacing(image, getattr(config, "target_spacing", None))
+    array = normalize_intensity(grid.array, modality, getattr(config, "intensity_window", None))[None]
+    return np.ascontiguousarray(array, dtype=np.float32), grid
+
+
+def model_input(project: Project, case: str, config: Any = None) -> tuple[torch.Tensor, Volume, Volume]:
+    """``(volume tensor [C, Z, Y, X] for Method.pseudo_labels / predict, its grid, the case's image)``; see
+    :func:`to_case_grid` to bring results back to the image's grid."""
     image = project.read_image(case)
-    array = normalize_intensity(image.array, project.modality)[None]
+    array, grid = preprocess_image(image, project.modality, config)
+    return torch.from_numpy(array), grid, image
+
+
+def load_case(project: Project, case: str, *, with_label: bool = True, config: Any = None) -> CaseArrays:
+    """Read and preprocess one case (the label too when ``with_label`` and the case has one): resampled to
+    ``config.target_spacing`` and clipped to ``config.intensity_window`` when the config sets them."""
+    image = project.read_image(case)
+    array, grid = preprocess_image(image, project.modality, config)
     label = project.read_label(case) if with_label else None
+    if label is not None:
+        label = resample_to_spacing(label, getattr(config, "target_spacing", None), label=True)
     lab = None if label is None else np.ascontiguousarray(label.array.astype(np.uint8))
-    return CaseArrays(case, np.ascontiguousarray(array, dtype=np.float32), lab, image.spacing)
+    return CaseArrays(case, array, lab, grid.spacing)
 
 
-def load_cases(project: Project, cases: Sequence[str], *, with_label: bool = True) -> list[CaseArrays]:
-    return [load_case(project, c, with_label=with_label) for c in cases]
+def load_cases(project: Project, cases: Sequence[str], *, with_label: bool = True,
+               config: Any = None) -> list[CaseArrays]:
+    return [load_case(project, c, with_label=with_label, config=config) for c in cases]
 
 
 class _Padded:
@@ -197,13 +258,14 @@ def make_sampler(project: Project, config: Any, labeled_cases: Sequence[str], un
     """A :class:`BatchSampler` over the project's cases, shaped by a method config (``patch_size``,
     ``batch_labeled``, ``batch_unlabeled``, ``num_classes``, optional ``fg_fraction``).
 
-    ``cache`` (case -> arrays) is filled and reused so validation can share the loaded volumes.
+    ``cache`` (case -> arrays) is filled and reused so validation can share the loaded volumes.  Cases are
+    preprocessed as the config says (``target_spacing``, ``intensity_window``; see :func:`load_case`).
     """
     cache = {} if cache is None else cache
 
     def get(case: str) -> CaseArrays:
         if case not in cache:
-            cache[case] = load_case(project, case)
+            cache[case] = load_case(project, case, config=config)
         return cache[case]
 
     labeled = [get(c) for c in labeled_cases]

@@ -21,7 +21,7 @@ import torch
 
 from backend.devices import pick_device
 from backend.errors import InputError
-from backend.intensity import normalize_intensity
+from backend.data import model_input, to_case_grid
 from backend.methods import get_method
 from backend.methods.base import Method
 from backend.metrics import agreement, volumes_ml
@@ -63,6 +63,21 @@ def load_trained(project: Project, method: str, run: str | None = None, device: 
     return model, run, info
 
 
+def case_views(model: Method, project: Project, case: str) -> tuple[dict[str, np.ndarray], Any]:
+    """``({view: uint8 [Z, Y, X]}, the case's image Volume)``: every review view of ``case``, computed on the
+    model's preprocessing grid (``config.target_spacing``, ``config.intensity_window``) and resampled back,
+    nearest neighbour, onto the case's own grid."""
+    volume, grid, image = model_input(project, case, model.config)
+    with torch.no_grad():
+        views = model.pseudo_labels(volume)
+    out = {}
+    for view, array in views.items():
+        if tuple(array.shape) != grid.shape:
+            raise RuntimeError(f"{model.name}: view '{view}' has shape {array.shape}, the volume {grid.shape}")
+        out[view] = np.ascontiguousarray(to_case_grid(array, grid, image), dtype=np.uint8)
+    return out, image
+
+
 def infer(project: Project | str | Path, method: str, *, run: str | None = None, device: str = "auto",
           cases: list[str] | None = None, on_event: Callable[[dict], None] | None = None,
           should_stop: Callable[[], bool] | None = None, checkpoint: str = "best") -> str:
@@ -95,13 +110,8 @@ def infer(project: Project | str | Path, method: str, *, run: str | None = None,
             emit({"type": "cancelled", "step": i, "run": run})
             return run
         tic = time.perf_counter()
-        image = project.read_image(case)
-        volume = normalize_intensity(image.array, project.modality)[None]
-        with torch.no_grad():
-            views = model.pseudo_labels(torch.from_numpy(np.ascontiguousarray(volume)))
+        views, image = case_views(model, project, case)
         for view, array in views.items():
-            if tuple(array.shape) != image.shape:
-                raise RuntimeError(f"{method}: view '{view}' has shape {array.shape}, the image {image.shape}")
             write_volume(image.like(np.ascontiguousarray(array, dtype=np.uint8)), out_dir / case / f"{view}.nii.gz")
         scores = agreement(views, num_classes, labels)
         scores["volume_ml"] = {v: volumes_ml(a, num_classes, image.spacing, labels) for v, a in views.items()}

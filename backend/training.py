@@ -421,7 +421,8 @@ def train_method(project: Project | str | Path, method: str, *, preset: str | No
     cache: dict[str, CaseArrays] = {}
     sampler = make_sampler(project, config, split["labeled_cases"], split["unlabeled_cases"],
                            seed=config.seed + 1_000_003 * rank, device=dev, cache=cache)
-    val_data = [cache[c] if c in cache else load_case(project, c) for c in split["val_cases"]] if rank == 0 else []
+    val_data = [cache[c] if c in cache else load_case(project, c, config=config)
+                for c in split["val_cases"]] if rank == 0 else []
     start = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["method"])

@@ -104,3 +104,66 @@ def test_real_project_batches_are_normalised_and_fast(brain_project):
         times.append(time.perf_counter() - tic)
     assert set(torch.unique(lab["label"]).tolist()) <= {0, 1, 2}
     assert float(np.median(times)) < 0.1  # milliseconds on an idle machine; generous for a shared CI runner
+
+
+# ---- preprocessing of a preset: resampling grid and intensity window ---------------------------------------------
+class _Prep:
+    patch_size = (32, 32, 32)
+    batch_labeled = 1
+    batch_unlabeled = 1
+    num_classes = 3
+
+    def __init__(self, target_spacing=None, intensity_window=None):
+        self.target_spacing = target_spacing
+        self.intensity_window = intensity_window
+
+
+def test_target_spacing_resamples_cases_and_labels_come_back_to_the_exact_case_grid(brain_project):
+    from backend.data import model_input, resample_to_spacing, to_case_grid
+
+    image = brain_project.read_image("mni152_t1")  # 2 mm isotropic, 94 x 116 x 98 (z, y, x)
+    label = brain_project.read_label("mni152_t1")
+    fine = load_case(brain_project, "mni152_t1", config=_Prep(target_spacing=(1.0, 1.0, 1.0)))
+    assert fine.spacing == (1.0, 1.0, 1.0) and fine.shape == (188, 232, 196)
+    assert fine.label.shape == fine.shape and set(np.unique(fine.label)) == {0, 1, 2}  # nearest: no new values
+    # every original voxel centre is a fine voxel centre (same origin, half the spacing): nearest back is exact
+    fine_image = resample_to_spacing(image, (1.0, 1.0, 1.0))
+    back = to_case_grid(fine.label, fine_image, image)
+    assert back.shape == image.shape and np.array_equal(back, label.array)
+    # the image is resampled (linear: exact at those centres, in between elsewhere), then normalised
+    assert np.allclose(fine_image.array[::2, ::2, ::2], image.array, atol=1e-3)
+    assert np.allclose(fine.image[0], normalize_intensity(fine_image.array, "MR"))
+
+    coarse_config = _Prep(target_spacing=(3.0, 4.0, 2.0))  # (x, y, z) mm
+    volume, grid, same = model_input(brain_project, "mni152_t1", coarse_config)
+    assert tuple(volume.shape) == (1, 94, 58, 65) and grid.spacing == (3.0, 4.0, 2.0)
+    assert grid.origin == image.origin and np.array_equal(grid.direction, image.direction)
+    assert same.geometry_mismatch(image) is None
+    coarse = load_case(brain_project, "mni152_t1", config=coarse_config)
+    back = to_case_grid(coarse.label, grid, image)
+    assert back.shape == image.shape
+    for k in (1, 2):  # a coarse label brought back still overlaps the original well
+        a, b = back == k, label.array == k
+        assert 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b)) > 0.7
+
+    sampler = make_sampler(brain_project, coarse_config, ["mni152_t1"], ["colin27_ch2"], seed=0)
+    assert sampler.labeled[0].shape == (94, 58, 65)  # the sampler trains on the preset's grid
+    unchanged = load_case(brain_project, "mni152_t1", config=_Prep())
+    assert unchanged.shape == image.shape and np.array_equal(unchanged.label, label.array)
+
+
+def test_intensity_window_clips_before_normalisation(brain_project):
+    raw = brain_project.read_image("mni152_t1").array.astype(np.float32)
+    out = normalize_intensity(raw, "MR", (30.0, 120.0))
+    mask = raw != 0  # the zero background stays out of the statistics and stays zero
+    clipped = np.clip(raw[mask], 30.0, 120.0)
+    assert np.allclose(out[mask], (clipped - clipped.mean()) / clipped.std(), atol=1e-4)
+    assert np.all(out[~mask] == 0)
+    assert not np.allclose(out, normalize_intensity(raw, "MR"))
+    case = load_case(brain_project, "mni152_t1", config=_Prep(intensity_window=(30.0, 120.0)))
+    assert np.allclose(case.image[0], out)
+    hu = np.array([-2000.0, -125.0, 75.0, 275.0, 3000.0], np.float32)
+    assert np.allclose(normalize_intensity(hu, "CT", (-125, 275)), [-1, -1, 0, 1, 1])  # a paper's CT window
+    assert np.allclose(normalize_intensity(hu, "CT"), np.clip(hu, -1000, 1000) / 1000)  # the default window
+    with pytest.raises(ValueError, match="low < high"):
+        normalize_intensity(raw, "MR", (5.0, 5.0))

@@ -199,3 +199,18 @@ def test_inference_picks_the_run_with_the_best_validation_not_the_newest(tmp_pat
     assert training.best_run(project, "supervised") == new  # ties: the newest
     set_best(new, 0.9)
     assert training.best_run(project, "supervised") == new
+
+
+def test_a_preset_grid_trains_and_infers_and_pseudo_labels_land_on_the_case_grid(tmp_path):
+    project = small_brain_project(tmp_path / "small")
+    run = train(project, "supervised", preset="tiny", steps=2, device="cpu",
+                overrides={**FAST, "target_spacing": (3.0, 3.0, 4.0), "intensity_window": (10.0, 200.0)})
+    model, _, _ = inference.load_trained(project, "supervised", device="cpu")
+    assert tuple(model.config.target_spacing) == (3.0, 3.0, 4.0)
+    assert tuple(model.config.intensity_window) == (10.0, 200.0)
+    views, image = inference.case_views(model, project, "colin27_ch2")
+    assert views["prediction"].shape == image.shape == (48, 64, 64)
+    infer(project, "supervised", device="cpu")
+    for case in project.unlabeled_cases():
+        label = read_volume(project.pseudo_dir("supervised", run) / case / "prediction.nii.gz")
+        assert project.read_image(case).geometry_mismatch(label) is None
