@@ -1,5 +1,8 @@
-"""Diff-CL (backend.methods.diffcl): config and presets, contrastive label propagation, memory bank, training
-steps, checkpoints, inference views, and learning on a real sample volume."""
+"""Diff-CL (backend.methods.diffcl): config and presets (strides, preprocessing, run length), contrastive label
+propagation (eq. 11-15 written out), memory bank, augmentation, one test per semantic rule of the paper (which
+label supervises which network, each loss term with its weight and the network it trains, what DS is conditioned
+on, what the bank and L_cl are fed, what each review view depends on), checkpoints, and learning on a real volume
+scored on a slab never trained on.  bench/mutants.py checks that one-line bugs in these rules fail the fast tests."""
 from __future__ import annotations
 
 import io
@@ -10,9 +13,11 @@ import pytest
 import torch
 
 from backend.methods import get_method
-from backend.methods.diffcl import DiffCL, DiffCLConfig
+from backend.methods.diffcl import DiffCL, DiffCLConfig, random_rot_flip
 from backend.nets.diffcl_contrast import ClassMemoryBank, label_propagation_loss, select_pairs
+from backend.nets.diffusion import to_signed
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny nets: one thread is as fast (see conftest)
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: no CUDA device here")
 
 
@@ -61,6 +66,27 @@ def test_registered_with_views_and_paper_presets():
     assert DiffCLConfig.from_dict(json_roundtrip(DiffCL.make_config("la"))) == DiffCL.make_config("la")
 
 
+def test_paper_presets_sliding_window_strides_preprocessing_and_method_defaults():
+    """Sec. 5.1: strides 18 x 18 x 4 (x, y, z) for LA, 16 and 64 for Pancreas and BraTS, as MONAI steps them;
+    the CT window of Pancreas and the 1 mm grids; flip/rotation on, L_cl's mean (see the module docstring), HFM
+    below the bottleneck."""
+    from monai.inferers.utils import _get_scan_interval
+
+    def interval(cfg):
+        image = tuple(4 * s for s in cfg.patch_size)
+        return _get_scan_interval(image, cfg.patch_size, 3, cfg.sw_overlap)
+
+    la, pancreas, brats = (DiffCL.make_config(n) for n in ("la", "pancreas", "brats"))
+    assert interval(la) == (4, 18, 18) and interval(DiffCL.make_config("la_more")) == (4, 18, 18)
+    assert interval(pancreas) == (16, 16, 16) and interval(brats) == (64, 64, 64)
+    assert pancreas.intensity_window == (-120.0, 240.0) and pancreas.target_spacing == (1.0, 1.0, 1.0)
+    assert brats.target_spacing == (1.0, 1.0, 1.0) and brats.intensity_window is None
+    assert la.target_spacing is None and la.intensity_window is None  # LA is 0.625 mm isotropic, MR
+    for cfg in (la, pancreas, brats):
+        assert cfg.augment and cfg.cl_reduction == "mean" and cfg.hfm_levels == (1, 2, 3, 4)
+    assert DiffCLConfig.from_dict(json_roundtrip(pancreas)) == pancreas
+
+
 def json_roundtrip(cfg):
     import json
 
@@ -75,6 +101,20 @@ def test_constant_lr_and_gaussian_warmup():
     assert math.isclose(m.warmup(100), 2.0)
     poly = _tiny(max_steps=100, lr_schedule="poly")
     assert poly.lr_at(50) < poly.lr_at(0)
+
+
+def test_with_steps_shortens_the_warmup_with_the_run():
+    """--steps: lambda(t) keeps its place relative to the run's end (t_max = the last step)."""
+    full = DiffCL.make_config("pancreas")
+    short = full.with_steps(300)
+    assert short.max_steps == 300 and DiffCLConfig.run_length_fields == ()
+    m_full = DiffCL.__new__(DiffCL)
+    m_full.config = full
+    m_short = DiffCL.__new__(DiffCL)
+    m_short.config = short
+    assert math.isclose(m_short.warmup(150), m_full.warmup(full.max_steps // 2))
+    assert math.isclose(m_short.warmup(150), 2.0 * math.exp(-5.0 * 0.25))
+    assert math.isclose(m_short.warmup(300), 2.0) and m_full.warmup(300) < 0.02
 
 
 def test_rejects_patch_not_divisible_by_16():
@@ -93,15 +133,40 @@ def _clusters(seed=0, classes=3, dim=16, per_class=40, p=10, spread=0.2):
 
 def test_contrastive_loss_lower_for_aligned_than_shuffled_features():
     anchors, candidates = _clusters()
-    aligned = label_propagation_loss(anchors, candidates, k=20, tau=0.1)
+    aligned = label_propagation_loss(anchors, candidates, k=20, tau=0.1, reduction="mean")
     g = torch.Generator().manual_seed(1)
     shuffled = candidates[:, torch.randperm(candidates.shape[1], generator=g)]  # same vectors, scrambled dims
     noise = torch.randn(candidates.shape, generator=g)
-    assert aligned < 0.5 * label_propagation_loss(anchors, shuffled, k=20, tau=0.1)
-    assert aligned < 0.5 * label_propagation_loss(anchors, noise, k=20, tau=0.1)
+    assert aligned < 0.5 * label_propagation_loss(anchors, shuffled, k=20, tau=0.1, reduction="mean")
+    assert aligned < 0.5 * label_propagation_loss(anchors, noise, k=20, tau=0.1, reduction="mean")
     # eq. 15 literally sums over classes, anchors and positives; the default averages the same terms
     summed = label_propagation_loss(anchors, candidates, k=20, tau=0.1, reduction="sum")
     assert torch.isclose(summed, aligned * 3 * 10 * 20)
+
+
+def test_contrastive_loss_is_eq_14_summed_as_eq_15():
+    """The loss written out term by term: for each class, anchor and positive, eq. 14 with that class's
+    negatives, summed over everything (eq. 15); ``mean`` is the same sum over the number of terms."""
+    anchors, candidates = _clusters(seed=4, classes=2, dim=6, per_class=5, p=3, spread=0.5)
+    k, tau = 2, 0.5
+    expected, terms = 0.0, 0
+    b = torch.nn.functional.normalize(candidates, dim=1)
+    for a in anchors:
+        a = torch.nn.functional.normalize(a, dim=1)
+        score = (a @ b.t()).sum(0)                                        # eq. 12
+        pos = sorted(range(len(b)), key=lambda j: -float(score[j]))[:k]
+        neg = sorted(range(len(b)), key=lambda j: float(score[j]))[:k]     # eq. 13: largest sum of (1 - cos)
+        for i in range(a.shape[0]):
+            for j in pos:
+                num = math.exp(float(a[i] @ b[j]) / tau)
+                den = num + sum(math.exp(float(a[i] @ b[n]) / tau) for n in neg)
+                expected += -math.log(num / den)
+                terms += 1
+    summed = label_propagation_loss(anchors, candidates, k=k, tau=tau, reduction="sum")
+    assert math.isclose(float(summed), expected, rel_tol=1e-5)
+    mean = label_propagation_loss(anchors, candidates, k=k, tau=tau, reduction="mean")
+    assert math.isclose(float(mean), expected / terms, rel_tol=1e-5)
+    assert float(label_propagation_loss(anchors, candidates, k=k, tau=tau)) == float(summed)  # default: eq. 15
 
 
 def test_pairs_are_top_k_most_and_least_similar_and_gradient_pulls_positives_in():
@@ -147,6 +212,177 @@ def test_memory_bank_is_a_per_class_fifo_with_state():
         ClassMemoryBank(2, 4, 3).load(bank.state())
 
 
+# ---- augmentation (Sec. 5.1) -------------------------------------------------------------------------------------
+def _symmetries(t: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 in-plane symmetries of ``t [..., H, W]``."""
+    rots = [torch.rot90(t, k, dims=(-2, -1)) for k in range(4)]
+    return rots + [r.flip(-1) for r in rots]
+
+
+def _which_symmetry(out: torch.Tensor, raw: torch.Tensor) -> int:
+    """Index of the symmetry of ``raw`` that ``out`` is (-1: none)."""
+    return next((i for i, s in enumerate(_symmetries(raw)) if s.shape == out.shape and torch.equal(s, out)), -1)
+
+
+def test_random_rot_flip_same_transform_for_image_and_label_all_8_symmetries():
+    torch.manual_seed(0)
+    label = torch.zeros(1, 4, 6, 6, dtype=torch.long)
+    label[0, :, 0, 1] = 1                                       # an asymmetric mark: every symmetry moves it
+    label[0, :, 1, 0:3] = 1
+    image = torch.cat([label.float()[:, None], -label.float()[:, None]], dim=1)  # 2 channels, [1, 2, 4, 6, 6]
+    seen = set()
+    for _ in range(80):
+        img, lab = random_rot_flip(image, label)
+        assert torch.equal(img[:, 0], lab.float()) and torch.equal(img[:, 1], -lab.float())
+        seen.add(_which_symmetry(lab[0], label[0]))
+    assert seen == set(range(8))
+    wide = torch.arange(2 * 3 * 4 * 6.0).view(2, 1, 3, 4, 6)   # H != W: 0 or 180 degrees, shape kept
+    for _ in range(20):
+        (out,) = random_rot_flip(wide)
+        assert out.shape == wide.shape
+        assert all(_which_symmetry(out[i, 0], wide[i, 0]) in (0, 2, 4, 6) for i in range(2))
+    (same,) = random_rot_flip(wide[:0])
+    assert same.shape[0] == 0
+
+
+# ---- which label supervises which network, each loss term (eq. 5-7, 15-22) ----------------------------------------
+def _soft_dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Eq. 8 / 20 by hand: 1 - 2|P n Y| / (|P| + |Y|) per class over the whole batch, averaged over classes."""
+    p = torch.softmax(logits.double(), 1)
+    y = torch.nn.functional.one_hot(target, p.shape[1]).movedim(-1, 1).double()
+    dims = [0, *range(2, p.ndim)]
+    inter, total = (p * y).sum(dims), p.sum(dims) + y.sum(dims)
+    return (1 - (2 * inter + 1e-5) / (total + 1e-5)).mean()
+
+
+def _ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Eq. 9 / 21 by hand, averaged over voxels."""
+    logp = torch.log_softmax(logits.double(), 1)
+    return -logp.gather(1, target[:, None]).mean()
+
+
+def test_loss_terms_are_the_papers_with_their_own_weights_and_targets():
+    w = dict(mu1=0.9, mu2=1.3, lambda1=0.6, lambda2=1.7, beta1=0.2, beta2=0.05, eta=0.01)
+    m = _tiny(**w)
+    g = torch.Generator().manual_seed(0)
+    logits_c = torch.randn(3, 2, 6, 6, 6, generator=g, requires_grad=True)   # 1 labeled + 2 unlabeled
+    logits_d = torch.randn(3, 2, 6, 6, 6, generator=g, requires_grad=True)
+    y_l = torch.randint(0, 2, (1, 6, 6, 6), generator=g)
+    y_hat, y_tilde = logits_c.detach().argmax(1), logits_d.detach().argmax(1)
+    loss_cl = torch.tensor(3.0, requires_grad=True)
+    lam = 0.4
+    out = m._losses(logits_c, logits_d, y_l, y_hat, y_tilde, loss_cl, lam)
+    sup_c = _soft_dice(logits_c[:1], y_l) + w["beta2"] * lam * _ce(logits_c[:1], y_l)           # eq. 19
+    sup_d = _soft_dice(logits_d[:1], y_l) + w["beta1"] * lam * _ce(logits_d[:1], y_l)           # eq. 18
+    cps_d = _soft_dice(logits_d[1:], y_hat[1:]) + w["lambda1"] * _ce(logits_d[1:], y_hat[1:])   # eq. 6
+    cps_c = _soft_dice(logits_c[1:], y_tilde[1:]) + w["lambda2"] * _ce(logits_c[1:], y_tilde[1:])  # eq. 7
+    expected = {"sup_cs": sup_c, "sup_ds": sup_d, "cps_cs": cps_c, "cps_ds": cps_d,
+                "ds": sup_d + w["mu1"] * cps_d,                                                  # eq. 16
+                "cs": sup_c + w["mu2"] * (cps_c + w["eta"] * 3.0)}                               # eq. 17, 22
+    for key, value in expected.items():
+        assert math.isclose(float(out[key]), float(value), rel_tol=1e-5, abs_tol=1e-6), key
+    # CS's loss reaches CS and L_cl only, DS's loss DS only: the pseudo labels carry no gradient
+    out["cs"].backward(retain_graph=True)
+    assert logits_d.grad is None and logits_c.grad.abs().sum() > 0
+    assert math.isclose(float(loss_cl.grad), w["mu2"] * w["eta"], rel_tol=1e-6)
+    logits_c.grad = None
+    out["ds"].backward()
+    assert logits_c.grad is None and logits_d.grad.abs().sum() > 0
+
+
+def test_train_step_wiring_augmented_labels_pseudo_labels_features_and_warmup():
+    """One step, spied on: the networks see the flipped/rotated batch, the label moves with its image, DS is
+    conditioned on the noised [y^l; CS pseudo labels], each loss gets the networks' own outputs, the bank
+    gets DS features of labeled voxels with DS's labels, L_cl gets CS features of the unlabeled ones."""
+    m = _tiny()
+    seen: dict[str, list] = {k: [] for k in ("cs", "ds", "noise", "losses", "bank", "cl")}
+    m.cs.register_forward_hook(lambda mod, args, out: seen["cs"].append((args[0].detach(), out)))
+    m.ds.register_forward_hook(lambda mod, args, out: seen["ds"].append((args, out)))
+
+    def spy(name, fn):
+        def wrapped(*args):
+            result = fn(*args)
+            seen[name].append((args, result))
+            return result
+        return wrapped
+
+    for name, attr in (("noise", "_noised_labels"), ("losses", "_losses"), ("bank", "_update_bank"),
+                       ("cl", "_contrastive")):
+        setattr(m, attr, spy(name, getattr(m, attr)))
+    labeled, unlabeled = _batch(size=32, seed=3)
+    labeled["image"] = labeled["label"].float()        # image == label: the label must move with its image
+    kinds_l, kinds_u = set(), set()
+    for step in range(4):
+        logs = m.train_step(labeled, unlabeled, step)
+        x, (logits_c, feats_c) = seen["cs"][-1]
+        (x_ds, y_t, t), (logits_d, feats_d) = seen["ds"][-1]
+        kinds_l.add(_which_symmetry(x[0, 0], labeled["image"][0, 0]))
+        kinds_u.add(_which_symmetry(x[1, 0], unlabeled["image"][0, 0]))
+        assert torch.equal(x_ds, x)
+        (labels,), (y_t_made, t_made) = seen["noise"][-1]
+        y_hat = logits_c.detach().argmax(1)
+        y_aug = x[:1, 0].long()                                          # the label, transformed with the image
+        assert torch.equal(labels, torch.cat([y_aug, y_hat[1:]]))        # Y_0^l = y^l, Y_0^u = CS's argmax
+        assert torch.equal(y_t, y_t_made) and torch.equal(t, t_made)
+        clean = to_signed(torch.nn.functional.one_hot(labels, 2).movedim(-1, 1).float())
+        assert not torch.allclose(y_t, clean, atol=1e-3)                 # DS sees the noised label (eq. 5)
+        args, _ = seen["losses"][-1]
+        assert args[0] is logits_c and args[1] is logits_d
+        assert torch.equal(args[2], y_aug) and torch.equal(args[3], y_hat)
+        assert torch.equal(args[4], logits_d.detach().argmax(1))
+        assert args[6] == m.warmup(step) == logs["lambda"]
+        (b_feats, b_pred, b_labels), _ = seen["bank"][-1]
+        assert torch.equal(b_feats, feats_d[:1]) and torch.equal(b_labels, y_aug)
+        assert torch.equal(b_pred, logits_d.detach().argmax(1)[:1])
+        (cl_feats,), _ = seen["cl"][-1]
+        assert torch.equal(cl_feats, feats_c[1:])
+    assert -1 not in kinds_l | kinds_u and kinds_l - {0} and kinds_u - {0}
+    assert math.isclose(logs["lambda"], 2.0 * math.exp(-5.0 * (1 - 3 / 200) ** 2))
+
+
+def _params_after_one_step(**overrides) -> dict[str, list[torch.Tensor]]:
+    m = _tiny(**overrides)
+    torch.manual_seed(1)
+    labeled, unlabeled = _batch(seed=5)
+    m.train_step(labeled, unlabeled, step=150)
+    return {k: [p.detach().clone() for p in mod.parameters()] for k, mod in m.modules().items()}
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_each_unsupervised_term_reaches_its_own_network_only():
+    """Switching one weight off changes exactly the networks the paper's term trains: mu1 L_p^d DS (eq. 16),
+    mu2 (L_p^c + eta L_cl) CS (eq. 17, 22), eta L_cl CS and the projection head; the rest stays bit-equal."""
+    base = _params_after_one_step()
+    no_mu1 = _params_after_one_step(mu1=0.0)
+    assert not _same(no_mu1["ds"], base["ds"]) and _same(no_mu1["cs"], base["cs"])
+    no_mu2 = _params_after_one_step(mu2=0.0)
+    assert not _same(no_mu2["cs"], base["cs"]) and _same(no_mu2["ds"], base["ds"])
+    no_eta = _params_after_one_step(eta=0.0)
+    assert not _same(no_eta["cs"], base["cs"]) and not _same(no_eta["head"], base["head"])
+    assert _same(no_eta["ds"], base["ds"])
+
+
+def test_memory_bank_takes_only_voxels_ds_predicts_correctly():
+    m = _tiny(bank_update=1000, bank_size=64)
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(1, 8, 4, 4, 4, generator=g)
+    labels = torch.randint(0, 2, (1, 4, 4, 4), generator=g)
+    wrong = torch.rand(1, 4, 4, 4, generator=g) < 0.5
+    pred = torch.where(wrong, 1 - labels, labels)
+    m._update_bank(feats, pred, labels)
+    with torch.no_grad():
+        projected = torch.nn.functional.normalize(m.head(feats.movedim(1, -1).reshape(-1, 8)), dim=1)
+    flat_labels, flat_wrong = labels.reshape(-1), wrong.reshape(-1)
+    for cls in (0, 1):
+        allowed = projected[(flat_labels == cls) & ~flat_wrong]
+        stored = m.bank.features[cls, :int(m.bank.count[cls])]
+        assert stored.shape[0] == allowed.shape[0] > 0
+        assert torch.allclose((stored @ allowed.t()).max(1).values, torch.ones(len(stored)), atol=1e-5)
+
+
 # ---- training ----------------------------------------------------------------------------------------------------
 def test_train_step_updates_both_networks_the_head_and_the_bank():
     m = _tiny()
@@ -163,7 +399,8 @@ def test_train_step_updates_both_networks_the_head_and_the_bank():
         assert changed, key
     assert int(m.bank.count.sum()) > 0
     # HFM is in CS and trains with it
-    assert m.cs.hfm is not None and m.cs.hfm.mamba.paths["slice_scan"].A_log.grad is not None
+    assert m.cs.hfm is not None and set(m.cs.hfm) == {"2", "3", "4"}  # tiny: 1/4 to 1/16
+    assert all(block.mamba.paths["slice_scan"].A_log.grad is not None for block in m.cs.hfm.values())
 
 
 def test_ablations_and_batches_without_unlabeled_data():
@@ -213,32 +450,67 @@ def test_pseudo_labels_and_predict_on_a_volume_of_any_size():
     assert np.array_equal(m.predict(volume), views["cs"])
 
 
+def test_views_depend_on_what_they_should():
+    """``cs`` is CS alone; ``ds`` is DS conditioned on the image, sampled from noise (seeded), CS-independent."""
+    m = _tiny()
+    labeled, unlabeled = _batch(size=32, seed=2)
+    m.train_step(labeled, unlabeled, 0)
+    m.eval()
+    patch = labeled["image"]
+    other = unlabeled["image"]
+
+    def ds(p, seed):
+        with torch.no_grad():
+            return m._ds_probs(p, torch.Generator().manual_seed(seed))
+
+    base = ds(patch, 0)
+    assert torch.equal(base, ds(patch, 0))
+    assert not torch.allclose(base, ds(patch, 1), atol=1e-4)            # starts from the seeded noise
+    assert not torch.allclose(base, ds(other, 0), atol=1e-4)            # conditioned on the image
+    with torch.no_grad():
+        cs_before = m._cs_probs(patch)
+        for p in m.cs.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        assert not torch.allclose(cs_before, m._cs_probs(patch), atol=1e-4)
+    assert torch.equal(base, ds(patch, 0))                              # DS's view ignores CS
+    with torch.no_grad():
+        cs_now = m._cs_probs(patch)
+        for p in m.ds.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        assert torch.equal(cs_now, m._cs_probs(patch))                 # CS's view ignores DS
+    assert not torch.allclose(base, ds(patch, 0), atol=1e-4)
+
+
+# slab centres (z, y, x) in the MNI152 T1 (94 x 116 x 98): x 1-32 (left hemisphere), 33-64, 65-96 (right)
+LABELED, UNLABELED, HELD_OUT = (47, 58, 17), (47, 58, 49), (47, 58, 81)
+
+
 @pytest.mark.slow
-def test_learns_real_brain_tissue_patch(brain_project):
-    """tiny preset on the real MNI152 T1 (GM/WM labels): CS reaches Dice > 0.8 on its labeled patches."""
+def test_learns_real_brain_tissue_scored_on_a_held_out_slab(brain_project):
+    """tiny preset on the real MNI152 T1 (GM/WM labels): one labeled slab, one unlabeled, and CS scored on a third
+    slab it never trained on (the other hemisphere)."""
     from realdata import real_patch
 
     torch.manual_seed(0)
-    shape = brain_project.read_image("mni152_t1").array.shape
-    centre = tuple(s // 2 for s in shape)
-    x1, y1 = real_patch(brain_project, "mni152_t1", (32, 32, 32))
-    x2, y2 = real_patch(brain_project, "mni152_t1", (32, 32, 32), center=(centre[0] + 10, centre[1] - 12, centre[2]))
-    xu, _ = real_patch(brain_project, "colin27_ch2", (32, 32, 32))
-    labeled = {"image": torch.cat([x1, x2]), "label": torch.cat([y1, y2])}
-    steps = 150
-    m = DiffCL(DiffCL.make_config("tiny", num_classes=3, batch_labeled=2, max_steps=steps))
+    x_l, y_l = real_patch(brain_project, "mni152_t1", (32, 32, 32), center=LABELED)
+    x_u, _ = real_patch(brain_project, "mni152_t1", (32, 32, 32), center=UNLABELED)
+    x_h, y_h = real_patch(brain_project, "mni152_t1", (32, 32, 32), center=HELD_OUT)
+    steps = 90  # held-out Dice cs 0.66 / 0.89 / 0.92, ds 0.77 / 0.86 / 0.88 after 60 / 90 / 120 steps (seed 0)
+    m = DiffCL(DiffCL.make_config("tiny", num_classes=3, max_steps=steps))
     for step in range(steps):
-        logs = m.train_step(labeled, {"image": xu}, step)
+        logs = m.train_step({"image": x_l, "label": y_l}, {"image": x_u}, step)
     assert all(math.isfinite(v) for v in logs.values())
+
     def dice(pred: np.ndarray, label: torch.Tensor) -> float:
         pred, truth = torch.from_numpy(pred).long(), label[0, 0]
         return float(np.mean([2 * float(((pred == c) & (truth == c)).sum())
                               / float((pred == c).sum() + (truth == c).sum()) for c in (1, 2)]))
 
-    for image, label in ((x1, y1), (x2, y2)):
-        assert dice(m.predict(image[0]), label) > 0.8
-    # the DS view (2 DDIM steps from pure noise) has learned the anatomy too, if less sharply (0.54-0.65 seen)
-    assert dice(m.pseudo_labels(x1[0])["ds"], y1) > 0.4
+    held_cs = dice(m.predict(x_h[0]), y_h)
+    held_ds = dice(m.pseudo_labels(x_h[0])["ds"], y_h)
+    print(f"{steps} steps: held-out slab Dice cs {held_cs:.3f}, ds {held_ds:.3f}")
+    assert held_cs > 0.75, held_cs
+    assert held_ds > 0.7, held_ds
 
 
 @CUDA

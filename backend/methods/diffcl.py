@@ -14,17 +14,49 @@ Review views per volume: ``cs`` (CS softmax, sliding window) and ``ds`` (DS labe
 conditioned on the image, started from pure noise).  ``predict`` returns ``cs``: Algorithm 1's output is "trained CS
 for inference", and the paper reports CS results.
 
-Where the paper is silent (see also :class:`DiffCLConfig`):
+There is no official code of Diff-CL (none published or found); the settings below follow the paper, and where
+it is silent the SSL4MIS / SegMamba code its baselines and modules come from.  Every remaining deviation from the
+paper, with its reason (see also :class:`DiffCLConfig`):
 
+* Training batches are augmented here, in the method, by one random in-plane rotation by k x 90 degrees and an
+  optional flip per sample (Sec. 5.1 "random cropping, flipping, and rotation"; the crop is the engine's
+  sampler).  Image and label get the same transform; unlabeled images their own.  The transform is drawn
+  uniformly from the 8 symmetries of the (y, x) plane (SSL4MIS's ``RandomRotFlip`` always flips, i.e. draws only
+  the 4 reflections; the paper does not say which); a non-square plane is rotated by 0 or 180 degrees only.
 * During training DS's pseudo labels are its single x0 prediction from ``Y_t`` (Algorithm 1, step 7), with ``t``
-  uniform in [0, T) per sample; DDIM's iterations are used only for the ``ds`` review view.
+  uniform in [0, T) per sample; DDIM's iterations are used only for the ``ds`` review view.  The paper gives
+  no diffusion schedule: T = 1000 linear betas, DDIM with ``ddim_steps`` (chosen).
 * Table 2 ramps only the supervised CE weights (beta = 0.1 lambda(t)); mu, lambda and eta are constant from the
-  first step, as written.
+  first step, as written.  lambda(t)'s t_max is the run's end, as the paper's t_max = its last epoch; the paper
+  counts epochs, this code steps (``max_steps`` of the paper presets is the base class's 30000: the paper gives
+  300 epochs without an epoch size).
+* ``L_cl`` is eq. 15's sum over classes, anchors and positives divided by the number of terms
+  (``cl_reduction="mean"``; ``"sum"`` is eq. 15 literally). The paper gives neither p, q, k, tau, d nor code, and
+  the sum's scale is ~C p k log(1 + k) at initialisation: 34650 with the chosen p = k = 64 (mean 4.2), so Table 2's
+  eta = 0.7 for LA would weigh it 24000 against Dice + CE terms of ~1. Measured on the tiny preset (a labeled and an
+  unlabeled synthetic 32^3 ball, 30 steps from the same seed): eta 0.7 with the sum drove CS's supervised loss from
+  0.53 up to 1.09 (labeled Dice 0.00: CS collapsed onto L_cl), with the mean down to 0.07 (Dice 0.95); eta 0.007
+  with the sum: 0.45 (Dice 0.00). With the mean, eta x L_cl is ~3 (LA) to ~0.001 (Pancreas 12/50) at initialisation,
+  a weight in the range the other terms live in, which is how we read "the paper's eta". More numbers in
+  :func:`backend.nets.diffcl_contrast.label_propagation_loss`.
+* HFM runs on the CS encoder's levels 1/2 to 1/16 (``hfm_levels``), SegMamba's stages, and its output is added
+  to the features (see :class:`backend.nets.diffcl_nets.CSNet` for why not the bottleneck alone).
+* Network details the paper leaves open are chosen (see :class:`DiffCLConfig` and :mod:`backend.nets.diffcl_nets`):
+  the 2 + 2 split of the batch of 4, dropout 0.5 before V-Net's output conv, DS's sinusoidal timestep embedding,
+  the projection head (Linear-ReLU-Linear on the last decoder features), HF read as a radius in normalised
+  frequency, SA's sigmoid gate.  The ``tiny`` test preset runs HFM on levels 1/4-1/16 only (level 1 would double
+  a CPU step); the paper presets on 1/2-1/16.
 * The memory bank holds projected (``F``), L2-normalised DS features of correctly predicted labeled voxels,
   ``bank_update`` random voxels per class and step, FIFO; it is not synchronised across data-parallel ranks
   (each rank fills its own from its own patches; rank 0's is checkpointed).
-* Sliding-window overlap of the paper presets follows the paper's strides (LA 18 of 112 in-plane, Pancreas 16 of
-  96, BraTS 64 of 96); MONAI takes one fraction, so LA's finer z stride (4 of 80) is not reproduced.
+* Sliding-window inference uses MONAI's Gaussian-weighted blending; SSL4MIS's ``test_all_case`` averages the
+  windows uniformly.  The strides are the paper's, per axis: LA 18 x 18 x 4 (x, y, z) of 112 x 112 x 80,
+  Pancreas 16 of 96, BraTS 64 of 96 (``sw_overlap`` per (z, y, x) axis).
+* Preprocessing (preset fields): LA none beyond the per-volume z-score (the dataset is already at 0.625 mm
+  isotropic); Pancreas the CT window [-120, 240] HU (Sec. 5.1) and 1 mm isotropic resampling (the paper follows
+  Luo et al. 2021, whose Pancreas data are resampled to 1 x 1 x 1 mm); BraTS 1 mm isotropic (Sec. 5.1).  The
+  crops around the heart / pancreas (with a 25-voxel margin) need the label and are not reproduced: inference
+  runs on the whole volume.
 """
 from __future__ import annotations
 
@@ -49,6 +81,9 @@ class DiffCLConfig(BaseConfig):
     """Diff-CL's settings.  Defaults are the paper's (Sec. 5.1 and Table 2, NIH Pancreas 6/56 row); fields the
     paper does not give are marked *chosen* with the reason.
 
+    Augmentation (Sec. 5.1): ``augment`` random in-plane rot90 + flip of every training sample (see the module
+    docstring).
+
     Optimisation (Sec. 5.1): SGD, ``lr`` 0.01 kept constant (``lr_schedule="constant"``; ``"poly"`` uses the base
     class's decay), momentum 0.9, weight decay 3e-5, batch 4 = ``batch_labeled`` 2 + ``batch_unlabeled`` 2
     (*chosen*: the paper gives only the total; half labeled is the SSL4MIS convention its baselines use).
@@ -70,14 +105,19 @@ class DiffCLConfig(BaseConfig):
     supervision of CS degenerates into self-training (seen as slower, seed-dependent learning in tests).
 
     HFM (eq. 10): ``hf_threshold`` is Table 2's HF; ``use_hfm`` off gives the ablation of Table 6;
+    ``hfm_levels`` the V-Net encoder levels it runs on (1 = 1/2 resolution ... 4 = 1/16; SegMamba's stages);
     ``hfm_d_state``, ``hfm_d_conv``, ``hfm_expand`` are Mamba's defaults; ``hfm_mlp_ratio`` the MLP width
     (*chosen*); ``scan_backend`` ``"auto"`` | ``"torch"`` | ``"cuda"``; ``scan_chunk`` 0 = ceil(sqrt(L)).
+
+    Run length: lambda(t) is the only schedule and is given as a fraction of ``max_steps``, so
+    :meth:`BaseConfig.with_steps` (``--steps``) shortens it with the run; no field is counted in steps
+    (``run_length_fields`` is empty).
 
     Contrastive label propagation (Sec. 4.3; sizes *chosen*, the paper names p, q, k, tau, d without values):
     ``proj_dim`` d, ``cl_anchors`` p per class, ``cl_candidates`` q, ``cl_topk`` k, ``cl_tau`` tau;
     ``bank_size`` vectors kept per class, ``bank_update`` correctly predicted labeled voxels added per class per
-    step; ``cl_reduction`` ``"mean"`` | ``"sum"`` (see ``label_propagation_loss``); ``use_cl`` off gives the
-    ablation of Table 6.
+    step; ``cl_reduction`` ``"mean"`` | ``"sum"`` (eq. 15 literally; the module docstring says why the mean);
+    ``use_cl`` off gives the ablation of Table 6.
     """
 
     patch_size: tuple[int, ...] = (96, 96, 96)
@@ -87,6 +127,7 @@ class DiffCLConfig(BaseConfig):
     momentum: float = 0.9
     weight_decay: float = 3e-5
     lr_schedule: str = "constant"
+    augment: bool = True
     # networks
     features: int = 16
     norm: str = "batch"
@@ -108,6 +149,7 @@ class DiffCLConfig(BaseConfig):
     warmup_fraction: float = 1.0
     # high-frequency Mamba module
     use_hfm: bool = True
+    hfm_levels: tuple[int, ...] = (1, 2, 3, 4)
     hf_threshold: float = 0.8
     hfm_d_state: int = 16
     hfm_d_conv: int = 4
@@ -126,20 +168,31 @@ class DiffCLConfig(BaseConfig):
     bank_update: int = 256
     cl_reduction: str = "mean"
 
+    # lambda(t) is given as warmup_fraction x max_steps: with_steps keeps it in place without a step-counted field
+    run_length_fields: ClassVar[tuple[str, ...]] = ()
+
 
 def _paper(eta: float, hf: float, beta: float, **extra: Any) -> dict[str, Any]:
     return {"eta": eta, "hf_threshold": hf, "beta1": beta, "beta2": beta, "hold_out_from": None, **extra}
 
 
-_LA = {"patch_size": (80, 112, 112), "sw_overlap": 0.84}   # sliding-window stride 18 (x, y) of 112 (Sec. 5.1)
-_PANCREAS = {"patch_size": (96, 96, 96), "sw_overlap": 0.83}  # stride 16 of 96
-_BRATS = {"patch_size": (96, 96, 96), "sw_overlap": 0.33}     # stride 64 of 96
+def _strides(patch: tuple[int, int, int], strides: tuple[int, int, int]) -> dict[str, Any]:
+    """The paper's sliding-window strides (z, y, x) as MONAI's per-axis overlaps: MONAI steps
+    ``int(patch x (1 - overlap))`` voxels, so the overlap leaves half a voxel of margin against rounding."""
+    return {"patch_size": patch, "sw_overlap": tuple(1.0 - (s + 0.5) / p for p, s in zip(patch, strides))}
+
+
+_LA = _strides((80, 112, 112), (4, 18, 18))            # Sec. 5.1: 112 x 112 x 80 patches, strides 18 x 18 x 4
+_PANCREAS = {**_strides((96, 96, 96), (16, 16, 16)),   # strides 16; CT window of Sec. 5.1, 1 mm as Luo et al.
+             "intensity_window": (-120.0, 240.0), "target_spacing": (1.0, 1.0, 1.0)}
+_BRATS = {**_strides((96, 96, 96), (64, 64, 64)), "target_spacing": (1.0, 1.0, 1.0)}  # strides 64; 1 mm (Sec. 5.1)
 
 _TINY = {  # unit tests: seconds on two CPU cores; lr 3x the paper's so that ~150 steps fit a real patch
     "lr": 0.03, "features": 8, "patch_size": (32, 32, 32), "batch_labeled": 1, "batch_unlabeled": 1, "dropout": 0.0,
     "time_embed_dim": 16, "ddim_steps": 2, "hfm_d_state": 4, "hfm_expand": 1,
     "proj_dim": 8, "cl_anchors": 8, "cl_candidates": 64, "cl_topk": 8, "bank_size": 64, "bank_update": 16,
     "max_steps": 200, "checkpoint_every": 50, "val_every": 50, "sw_batch_size": 1, "sw_overlap": 0.25,
+    "hfm_levels": (2, 3, 4),  # still below the bottleneck; level 1 (16^3 tokens) would double a CPU step
 }
 
 _QUICK = {  # a real run on a CPU in minutes
@@ -177,7 +230,7 @@ class DiffCL(Method):
             raise ValueError(f"Diff-CL's V-Nets need patch sizes divisible by 16, got {tuple(c.patch_size)}")
         self.cs = self.to_device(CSNet(
             c.in_channels, c.num_classes, c.features, c.norm, c.dropout, c.use_hfm, c.hf_threshold, c.hfm_d_state,
-            c.hfm_d_conv, c.hfm_expand, c.hfm_mlp_ratio, c.scan_backend, c.scan_chunk or None))
+            c.hfm_d_conv, c.hfm_expand, c.hfm_mlp_ratio, c.scan_backend, c.scan_chunk or None, c.hfm_levels))
         self.ds = self.to_device(DSNet(c.in_channels, c.num_classes, c.features, c.norm, c.dropout,
                                        c.time_embed_dim))
         self.head = self.to_device(ProjectionHead(c.features, c.proj_dim))
@@ -226,6 +279,16 @@ class DiffCL(Method):
         logits = logits.float()
         return self.dice(logits, target[:, None]) + ce_weight * F.cross_entropy(logits, target)
 
+    def _augment(self, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Random flip and rotation of Sec. 5.1: the same transform for a labeled image and its label ``[B, ...]``,
+        one of its own for each unlabeled image (off with ``config.augment`` False)."""
+        if not self.config.augment:
+            return x_l, y_l, x_u
+        x_l, y_l = random_rot_flip(x_l, y_l)
+        (x_u,) = random_rot_flip(x_u)
+        return x_l, y_l, x_u
+
     def _noised_labels(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``Y_t`` of eq. 5 from integer labels ``[B, ...]``, with a uniform random ``t`` per sample."""
         y0 = to_signed(F.one_hot(labels, self.config.num_classes).movedim(-1, 1).float())
@@ -248,6 +311,23 @@ class DiffCL(Method):
         anchors = [self.bank.sample(cls, c.cl_anchors) for cls in range(c.num_classes)]
         return label_propagation_loss(anchors, b, c.cl_topk, c.cl_tau, c.cl_reduction)
 
+    def _losses(self, logits_c: torch.Tensor, logits_d: torch.Tensor, y_l: torch.Tensor, y_hat: torch.Tensor,
+                y_tilde: torch.Tensor, loss_cl: torch.Tensor, lam: float) -> dict[str, torch.Tensor]:
+        """Every loss term of Sec. 4 from both networks' logits on ``[labeled; unlabeled]``, the labels ``y_l`` of
+        the first ``len(y_l)`` samples, the pseudo labels ``y_hat`` (CS) and ``y_tilde`` (DS) of every sample,
+        ``L_cl`` and the warm-up ``lam``: ``{"sup_cs", "sup_ds", "cps_cs", "cps_ds", "cs", "ds"}``."""
+        c = self.config
+        n_l = y_l.shape[0]
+        sup_c = self._dice_ce(logits_c[:n_l], y_l, c.beta2 * lam)                 # eq. 19
+        sup_d = self._dice_ce(logits_d[:n_l], y_l, c.beta1 * lam)                 # eq. 18
+        cps_c = cps_d = logits_c.new_zeros((), dtype=torch.float32)  # no graph: keeps the CS and DS graphs apart
+        if logits_c.shape[0] > n_l:
+            cps_d = self._dice_ce(logits_d[n_l:], y_hat[n_l:], c.lambda1)         # eq. 6: CS labels teach DS
+            cps_c = self._dice_ce(logits_c[n_l:], y_tilde[n_l:], c.lambda2)       # eq. 7: DS labels teach CS
+        return {"sup_cs": sup_c, "sup_ds": sup_d, "cps_cs": cps_c, "cps_ds": cps_d,
+                "ds": sup_d + c.mu1 * cps_d,                                       # eq. 16
+                "cs": sup_c + c.mu2 * (cps_c + c.eta * loss_cl)}                   # eq. 17, 22
+
     def train_step(self, labeled: dict[str, torch.Tensor], unlabeled: dict[str, torch.Tensor],
                    step: int) -> dict[str, float]:
         c = self.config
@@ -255,6 +335,7 @@ class DiffCL(Method):
         x_l = labeled["image"]
         y_l = labeled["label"][:, 0].long()
         x_u = unlabeled["image"] if unlabeled is not None and "image" in unlabeled else x_l[:0]
+        x_l, y_l, x_u = self._augment(x_l, y_l, x_u)
         n_l, n_u = x_l.shape[0], x_u.shape[0]
         x = torch.cat([x_l, x_u])
         lam = self.warmup(step)
@@ -264,33 +345,26 @@ class DiffCL(Method):
         with self.autocast():
             logits_c, feats_c = self.cs(x)                                       # step 4
             y_hat = logits_c.detach().max(1).indices                             # step 5 (argmax)
-            y_t, t = self._noised_labels(torch.cat([y_l, y_hat[n_l:]]))          # step 6, eq. 5
+            y_t, t = self._noised_labels(torch.cat([y_l, y_hat[n_l:]]))          # step 6, eq. 5: Y_0^l = y^l
             logits_d, feats_d = self.ds(x, y_t, t)                               # step 7
             y_tilde = logits_d.detach().max(1).indices                           # argmax, 10x faster on CPU
-
-            loss_s_c = self._dice_ce(logits_c[:n_l], y_l, c.beta2 * lam)         # eq. 19
-            loss_s_d = self._dice_ce(logits_d[:n_l], y_l, c.beta1 * lam)         # eq. 18
-            zero = logits_c.new_zeros((), dtype=torch.float32)  # no graph: keeps the CS and DS graphs apart
-            loss_p_c = loss_p_d = loss_cl = zero
-            if n_u:
-                loss_p_d = self._dice_ce(logits_d[n_l:], y_hat[n_l:], c.lambda1)  # eq. 6
-                loss_p_c = self._dice_ce(logits_c[n_l:], y_tilde[n_l:], c.lambda2)  # eq. 7
+            loss_cl = logits_c.new_zeros((), dtype=torch.float32)
             if c.use_cl:
                 self._update_bank(feats_d[:n_l], y_tilde[:n_l], y_l)
                 if n_u:
                     loss_cl = self._contrastive(feats_c[n_l:])                    # eq. 15
-            loss_d = loss_s_d + c.mu1 * loss_p_d                                  # eq. 16
-            loss_c = loss_s_c + c.mu2 * (loss_p_c + c.eta * loss_cl)              # eq. 17, 22
+            losses = self._losses(logits_c, logits_d, y_l, y_hat, y_tilde, loss_cl, lam)
 
         # The two graphs are disjoint (DS sees CS only through argmax labels, the bank is detached).
-        self.backward_and_step(loss_c, self.opt_cs)
-        self.backward_and_step(loss_d, self.opt_ds)
+        self.backward_and_step(losses["cs"], self.opt_cs)
+        self.backward_and_step(losses["ds"], self.opt_ds)
 
         with torch.no_grad():
             logs = {
-                "loss_cs": float(loss_c), "loss_ds": float(loss_d),
-                "loss_sup_cs": float(loss_s_c), "loss_sup_ds": float(loss_s_d),
-                "loss_cps_cs": float(loss_p_c), "loss_cps_ds": float(loss_p_d), "loss_cl": float(loss_cl),
+                "loss_cs": float(losses["cs"]), "loss_ds": float(losses["ds"]),
+                "loss_sup_cs": float(losses["sup_cs"]), "loss_sup_ds": float(losses["sup_ds"]),
+                "loss_cps_cs": float(losses["cps_cs"]), "loss_cps_ds": float(losses["cps_ds"]),
+                "loss_cl": float(loss_cl), "eta_loss_cl": c.eta * float(loss_cl),
                 "lambda": lam, "beta1": c.beta1 * lam, "beta2": c.beta2 * lam,
                 "dice_cs": _hard_dice(y_hat[:n_l], y_l, c.num_classes),
                 "dice_ds": _hard_dice(y_tilde[:n_l], y_l, c.num_classes),
@@ -343,6 +417,24 @@ class DiffCL(Method):
         with self._evaluating():
             maps = self.infer_volume(volume, lambda p: {"cs": self._cs_probs(p)})
         return argmax_uint8(maps["cs"])
+
+
+def random_rot_flip(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One random in-plane symmetry per sample, the same for every tensor given (``[B, ..., H, W]`` each, same B):
+    a rotation by k x 90 degrees in the (H, W) plane, then, with probability 1/2, a flip of W.  Together the 8
+    symmetries of the square, each with probability 1/8; k is 0 or 2 when H != W, so shapes never change."""
+    b = tensors[0].shape[0]
+    square = tensors[0].shape[-1] == tensors[0].shape[-2]
+    ks = torch.randint(0, 4, (b,)) if square else 2 * torch.randint(0, 2, (b,))
+    flips = torch.randint(0, 2, (b,))
+    out = []
+    for t in tensors:
+        samples = []
+        for i in range(b):
+            r = torch.rot90(t[i], int(ks[i]), dims=(-2, -1))
+            samples.append(r.flip(-1) if flips[i] else r)
+        out.append(torch.stack(samples) if samples else t)
+    return tuple(out)
 
 
 def _hard_dice(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:

@@ -1,7 +1,7 @@
 """Diff-CL's networks (Sec. 4, Fig. 1): the CS network, the DS network and the shared projection head.
 
-* CS (convolution segmentation, ``\\hat F``): a V-Net whose bottleneck features pass through the high-frequency
-  Mamba module (HFM, eq. 10).
+* CS (convolution segmentation, ``\\hat F``): a V-Net whose encoder features (1/2 to 1/16 resolution) pass
+  through the high-frequency Mamba module (HFM, eq. 10).
 * DS (diffusion segmentation, ``\\tilde F``): a time-embedded V-Net fed the image concatenated with the noised
   one-hot label ``Y_t`` (eq. 5); it predicts the clean label (x0 prediction, Sec. 3.1).
 * Projection head ``F``: maps the last decoder features of either network to the ``d``-dimensional space where
@@ -18,30 +18,41 @@ from backend.nets.vnet import VNet, VNetDecoder, VNetEncoder
 
 
 class CSNet(nn.Module):
-    """V-Net with the HFM block at the bottleneck.  ``forward(x) -> (logits, features)`` where ``features`` is the
-    last decoder feature map (``features`` channels, full resolution) for the projection head.
+    """V-Net with an HFM block on encoder levels ``hfm_levels``.  ``forward(x) -> (logits, features)`` where
+    ``features`` is the last decoder feature map (``features`` channels, full resolution) for the projection head.
 
-    Placement: the paper applies HFM to "3D features of the CS network" without saying which; we put it on the
-    deepest encoder output (1/16 resolution, 16F channels), where the tokens are few (216 for a 96^3 patch), so
-    the global scans stay cheap, and where every decoder stage receives its output.  Eq. 10's ``F_o`` is built
-    from the high-pass part of the features only, so it is added to the features it came from
-    (``x5 + HFM(x5)``): replacing them would throw away their low frequencies, the mean included.
+    Placement: the paper applies HFM to "3D features of the CS network" and takes SA and SM from SegMamba (Xing et
+    al. 2024) without naming the levels; SegMamba runs its GSC + ToM blocks on every encoder stage after its
+    stride-2 stem, so the default here is every V-Net encoder level below full resolution: 1/2, 1/4, 1/8 and
+    1/16 (levels 1-4, ``2^level F`` channels).  The bottleneck alone is not enough: at 1/16 a 96^3 patch is a
+    6^3 grid and the 32^3 test patch a 2^3 grid, whose spectrum is only DC and Nyquist, so a high-pass there
+    removes the mean and nothing else is "high frequency"; the boundaries and details that HFM is meant to
+    capture live on the finer levels.  Full resolution (level 0) is left out, as in SegMamba (and its 96^3 tokens
+    would cost the scan ~8x level 1).  Each level's output is added to the features it came from
+    (``x_i + HFM_i(x_i)``): eq. 10's ``F_o`` is built from the high-pass part only, so replacing the features
+    would throw away their low frequencies, the mean included.  The decoder receives the enhanced features
+    through its skip connections.
     """
 
     def __init__(self, in_channels: int, num_classes: int, features: int = 16, norm: str = "batch",
                  dropout: float = 0.5, use_hfm: bool = True, hf_threshold: float = 0.8, d_state: int = 16,
                  d_conv: int = 4, expand: int = 2, mlp_ratio: float = 2.0, scan_backend: str = "auto",
-                 scan_chunk: int | None = None):
+                 scan_chunk: int | None = None, hfm_levels: tuple[int, ...] = (1, 2, 3, 4)):
         super().__init__()
+        if any(level not in range(5) for level in hfm_levels):
+            raise ValueError(f"hfm_levels are V-Net encoder levels 0-4, got {tuple(hfm_levels)}")
         self.encoder = VNetEncoder(in_channels, features, norm)
         self.decoder = VNetDecoder(num_classes, features, norm, dropout=dropout)
-        self.hfm = HighFrequencyMamba(16 * features, hf_threshold, d_state, d_conv, expand, mlp_ratio,
-                                      scan_backend=scan_backend, chunk_size=scan_chunk) if use_hfm else None
+        self.hfm = nn.ModuleDict({
+            str(level): HighFrequencyMamba(features * 2 ** level, hf_threshold, d_state, d_conv, expand, mlp_ratio,
+                                           scan_backend=scan_backend, chunk_size=scan_chunk)
+            for level in sorted(set(hfm_levels))}) if use_hfm else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.encoder(x)
         if self.hfm is not None:
-            feats[4] = feats[4] + self.hfm(feats[4])
+            for level, block in self.hfm.items():
+                feats[int(level)] = feats[int(level)] + block(feats[int(level)])
         return self.decoder(feats, return_features=True)
 
 
