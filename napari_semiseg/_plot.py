@@ -201,10 +201,10 @@ class ProfilePlot(QWidget):
         painter.setPen(QColor(200, 200, 200))
         peak = max(self.profile) if self.profile else 0
         worst = self.profile.index(peak) if peak else None
-        text = self.title if worst is None else f"{self.title} (worst: slice {worst}, {peak} voxels)"
-        if self.current is not None:
-            text += f"   now: {self.current}"
+        text = self.title if worst is None else f"{self.title}: worst {worst} ({peak} voxels)"
         painter.drawText(QPointF(6, 12), text)
+        if self.current is not None:
+            painter.drawText(QRectF(0, 0, self.width() - 6, 15), Qt.AlignmentFlag.AlignRight, f"now {self.current}")
         if not peak:
             painter.drawText(rect, Qt.AlignmentFlag.AlignCenter, "the views agree" if self.profile else "no views")
             painter.end()

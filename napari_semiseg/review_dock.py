@@ -83,7 +83,7 @@ class ReviewDock(QWidget):
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None):
         super().__init__(parent)
-        self.setMinimumWidth(420)
+        self.setMinimumWidth(440)
         self.viewer = napari_viewer
         self.state = ProjectState.for_viewer(napari_viewer)
         self.case: str | None = None
@@ -427,25 +427,25 @@ class ReviewDock(QWidget):
     def _fill_table(self) -> None:
         rows = self.visible_rows()
         methods = self.methods_in_table()
-        headers = ["case", "labeled", "note"]
-        for m in methods:
-            headers += [f"{m}\nagreement Dice\nmean", f"{m}\nagreement Dice\nworst class"]
+        headers = ["case", "status"]
+        for m in methods:  # one column per method keeps the table narrow enough for the dock
+            headers.append(f"{m}\nagreement Dice\nmean (worst)")
         self.table.blockSignals(True)
         self.table.clearContents()
         self.table.setColumnCount(len(headers))
         self.table.setHorizontalHeaderLabels(headers)
-        for j in range(3, len(headers)):
-            what = "mean over classes" if j % 2 else "its worst class"
+        for j, m in enumerate(methods, start=2):
             self.table.horizontalHeaderItem(j).setToolTip(
-                f"Dice between the pseudo-label views of {methods[(j - 3) // 2]}, {what}: low = the views "
-                "disagree, a doubtful case")
+                f"Dice between the pseudo-label views of {m}: the mean over classes, and in brackets the class "
+                f"they agree on least. Low = the views disagree: a doubtful case")
         self.table.setRowCount(len(rows))
         for i, row in enumerate(rows):
             notes = [n for n, on in (("flagged", row.get("flagged")), ("draft", row.get("draft"))) if on]
-            cells = [row["case"], "yes" if row["labeled"] else "no", ", ".join(notes)]
+            cells = [row["case"], ", ".join(["labeled" if row["labeled"] else "to review", *notes])]
             for m in methods:
                 s = row["scores"].get(m, {})
-                cells += [_fmt(s.get("mean")), _fmt(s.get("worst_class"))]
+                cells.append(_fmt(s.get("mean")) if s.get("worst_class") is None
+                             else f"{_fmt(s.get('mean'))} ({_fmt(s.get('worst_class'))})")
             for j, text in enumerate(cells):
                 item = QTableWidgetItem(text)
                 item.setData(Qt.ItemDataRole.UserRole, row["case"])

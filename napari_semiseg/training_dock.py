@@ -160,8 +160,8 @@ class TrainingDock(QWidget):
 
         layout.addWidget(QLabel("Trained models (click a run to infer with it)"))
         self.models_table = QTableWidget(0, 5)
-        self.models_table.setHorizontalHeaderLabels(["method", "run", "labeled cases", "best validation Dice",
-                                                     "Infer uses"])
+        self.models_table.setHorizontalHeaderLabels(["method", "run", "labeled\ncases", "best\nvalidation Dice",
+                                                     "Infer\nuses"])
         self.models_table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.models_table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.models_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
@@ -306,9 +306,10 @@ class TrainingDock(QWidget):
         self._show_model_choice()
 
     def _use_text(self, method: str, run: str) -> str:
+        """The models table's "Infer uses" cell: "picked" (by the user), "best" (by validation) or empty."""
         if self.picked.get(method) == run:
-            return PICKED
-        return BEST if method not in self.picked and self.best.get(method) == run else ""
+            return "picked"
+        return "best" if method not in self.picked and self.best.get(method) == run else ""
 
     def inference_run(self, method: str) -> tuple[str | None, str]:
         """``(run, why)``: the run *Infer* uses for ``method`` (None: no trained run) and ``"your pick"`` or

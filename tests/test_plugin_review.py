@@ -73,18 +73,18 @@ def test_table_is_sorted_most_doubtful_first_and_filters(dock, qtbot, reviewed_p
     expected = sorted(unlabeled, key=lambda c: min(scores[m][c]["agreement_mean"] for m in FAKE_VIEWS))
     assert cases == expected + project.labeled_cases()
     headers = [dock.table.horizontalHeaderItem(i).text() for i in range(dock.table.columnCount())]
-    assert headers == ["case", "labeled", "note", "diffcl\nagreement Dice\nmean",
-                       "diffcl\nagreement Dice\nworst class", "genericssl\nagreement Dice\nmean",
-                       "genericssl\nagreement Dice\nworst class"]
+    assert headers == ["case", "status", "diffcl\nagreement Dice\nmean (worst)",
+                       "genericssl\nagreement Dice\nmean (worst)"]
     header = dock.table.horizontalHeader()  # no header or cell is cut: every column is as wide as its text
     metrics = dock.table.fontMetrics()
     for j, text in enumerate(headers):
         widest = max(metrics.horizontalAdvance(line) for line in text.splitlines())
         assert header.sectionSize(j) >= widest, (text, header.sectionSize(j), widest)
     first = expected[0]
-    assert dock.table.item(0, 3).text() == f"{scores['diffcl'][first]['agreement_mean']:.3f}"
-    assert dock.table.item(0, 4).text() == f"{scores['diffcl'][first]['agreement_worst']:.3f}"
-    assert dock.table.item(len(cases) - 1, 1).text() == "yes"
+    assert dock.table.item(0, 2).text() == (f"{scores['diffcl'][first]['agreement_mean']:.3f} "
+                                            f"({scores['diffcl'][first]['agreement_worst']:.3f})")
+    assert dock.table.item(len(cases) - 1, 1).text() == "labeled"
+    assert dock.table.item(0, 1).text() == "to review"
     dock.filter_combo.setCurrentText("labeled")
     assert dock.table_cases() == project.labeled_cases()
     dock.filter_combo.setCurrentText("unlabeled")
@@ -94,7 +94,7 @@ def test_table_is_sorted_most_doubtful_first_and_filters(dock, qtbot, reviewed_p
     assert dock.run_combo.count() == 3  # latest of every method + one run per method
     with qtbot.waitSignal(dock.table_refreshed, timeout=20000):  # one method's run: only its scores
         dock.run_combo.setCurrentIndex(dock.run_combo.findData(f"diffcl/{FAKE_RUN}"))
-    assert dock.methods_in_table() == ["diffcl"] and dock.table.columnCount() == 5
+    assert dock.methods_in_table() == ["diffcl"] and dock.table.columnCount() == 3
 
 
 def test_case_layers_names_scale_dtype_and_colours(dock, qtbot, reviewed_project):
@@ -165,7 +165,7 @@ def test_correct_and_accept_grows_the_labeled_set(dock, qtbot, reviewed_project)
     assert project.history(case)[-1]["voxels_edited"] == edited
     assert f"{before + 1} labeled" in dock.project_label.text()
     row = dock.table_cases().index(case)
-    assert dock.table.item(row, 1).text() == "yes"
+    assert dock.table.item(row, 1).text() == "labeled"
     assert not dock.has_unsaved_edits()
 
 
@@ -191,7 +191,7 @@ def test_majority_vote_start_and_flag(dock, qtbot, reviewed_project):
     assert case in review.flags(reviewed_project)
     dock.filter_combo.setCurrentText("flagged")
     assert dock.table_cases() == [case]
-    assert "flagged" in dock.table.item(0, 2).text()
+    assert dock.table.item(0, 1).text() == "to review, flagged"
 
 
 def test_keyboard_shortcut_goes_to_the_next_case(dock, qtbot):
@@ -315,7 +315,7 @@ def test_draft_survives_a_killed_viewer(make_napari_viewer, qtbot, reviewed_proj
     dock = ReviewDock(viewer)
     with qtbot.waitSignal(dock.table_refreshed, timeout=20000):
         dock.open_project(reviewed_project.root)
-    assert "draft" in dock.table.item(dock.table_cases().index(case), 2).text()
+    assert "draft" in dock.table.item(dock.table_cases().index(case), 1).text()
     answers.queue = ["Restore"]
     load(qtbot, dock, case)
     assert answers.asked[-1][0] == "Unsaved correction found"

@@ -242,13 +242,13 @@ def test_infer_uses_the_best_run_by_validation_unless_the_user_picks_one(trainin
                                            "(validation Dice 0.759)")
     table = training.models_table
     rows = {table.item(i, 1).text(): i for i in range(table.rowCount())}
-    assert table.item(rows["20260101-000000"], 4).text() == "best by validation"
+    assert table.item(rows["20260101-000000"], 4).text() == "best"
     assert not training.best_button.isEnabled()
     # the user clicks the newer run: Infer uses it, and the dock says it is their pick
     table.selectRow(rows["20260102-000000"])
     assert training.spec("infer")["run"] == "20260102-000000"
     assert training.model_label.text().endswith("20260102-000000, your pick (validation Dice 0.134)")
-    assert table.item(rows["20260102-000000"], 4).text() == "your pick"
+    assert table.item(rows["20260102-000000"], 4).text() == "picked"
     assert table.item(rows["20260101-000000"], 4).text() == ""
     training._refresh_models()  # a refresh (a job's checkpoint, an accept) keeps the pick
     assert training.spec("infer")["run"] == "20260102-000000"
