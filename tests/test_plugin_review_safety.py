@@ -209,6 +209,33 @@ def test_two_viewers_accepting_one_case_conflict_is_caught(make_napari_viewer, q
         dock._baseline = None
 
 
+def test_a_label_accepted_from_the_command_line_meanwhile_is_not_overwritten_silently(dock, qtbot, reviewed_project,
+                                                                                        answers, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    project = reviewed_project
+    case = load(qtbot, dock)
+    dock.start_from("diffcl:cs")
+    mine = np.asarray(dock.correction_layer.data).copy()
+    theirs = review.read_views(project, case)["genericssl:combined"]
+    path = tmp_path / "theirs.nii.gz"
+    from backend.volume import write_volume
+
+    write_volume(project.read_image(case).like(theirs), path)
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "backend.cli", "accept", str(project.root), case, str(path)],
+                          capture_output=True, text=True, cwd=repo, timeout=300)
+    assert done.returncode == 0, done.stderr
+    dock.accept()  # the box is closed: keep as draft
+    qtbot.waitUntil(lambda: any(a[0] == "The label changed on disk" for a in answers.asked), timeout=30000)
+    qtbot.waitUntil(lambda: not dock._busy, timeout=10000)
+    assert np.array_equal(read_volume(project.label_path(case)).array, theirs)
+    assert np.array_equal(review.load_draft(project, case)[0].array, mine)
+    assert "kept as a draft" in dock.status.text()
+
+
 @pytest.fixture
 def training(make_napari_viewer, brain_project):
     viewer = make_napari_viewer()
