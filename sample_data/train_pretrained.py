@@ -1,0 +1,242 @@
+"""Train the small pretrained checkpoints shipped for the brain-tissue sample project.
+
+    .venv/bin/python sample_data/train_pretrained.py [--methods supervised,diffrect,...] [--threads 2]
+
+For each method this trains an ordinary run with the engine (``backend.training.train``) on a fresh copy of the
+sample project (its one labeled case, ``mni152_t1``; the two unlabeled cases feed the semi-supervised methods),
+then writes ``sample_data/pretrained/brain_tissue/<method>/``:
+
+* ``checkpoint.pt``: the run's checkpoint (its best validation, which is the last step here: validation runs
+  once, at the end) slimmed for shipping: network weights and buffers stored as float16 (they load into the
+  float32 networks), no optimizer state (a run fine-tuned from it starts SGD momentum afresh);
+  ``torch.load(..., weights_only=True)`` loads it;
+* ``config.json`` and ``run.json``: the run's own, with ``pretrained`` added (script, date, torch version,
+  weight dtype, and the Dice of the shipped weights' pseudo labels against the held-aside reference labels of
+  the unlabeled cases, ``sample_data/reference/``).
+
+Then it installs the shipped checkpoints into another fresh copy (``backend.sample.install_pretrained``, as the
+demo does), infers every unlabeled case and writes ``sample_data/pretrained/README.md`` with the scores.
+Configurations are the ``tiny`` presets with validation once at the end (and V-Net width 4 for the two 3D
+diffusion methods, so that all four checkpoints stay a few MB and infer a volume in seconds on a CPU).
+Rerun after a method's networks change: ``tests/test_first_run.py`` fails when a shipped checkpoint no longer
+loads into the current method code.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from backend.metrics import dice_per_class  # noqa: E402
+from backend.project import write_json_atomic  # noqa: E402
+from backend.sample import PRETRAINED_RUN, RUN_FILES, copy_sample, install_pretrained, reference_label_path  # noqa: E402
+from backend.volume import read_volume  # noqa: E402
+
+TASK = "brain_tissue"
+OUT = Path(__file__).resolve().parent / "pretrained" / TASK
+# method -> (preset, training steps, config overrides); validation once, at the last step
+SPEC: dict[str, tuple[str, int, dict]] = {
+    "supervised": ("tiny", 600, {}),
+    "diffrect": ("tiny", 600, {}),
+    "diffcl": ("tiny", 400, {"features": 4}),
+    "genericssl": ("tiny", 300, {"features": 4}),
+}
+
+
+def slim_checkpoint(state: dict) -> dict:
+    """A training checkpoint for shipping: float tensors of the networks as float16, optimizer state dropped."""
+    method = state["method"]
+    modules = {name: {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
+               for name, sd in method["modules"].items()}
+    return {**state, "method": {"modules": modules, "optimizers": [], "extra": method.get("extra", {}),
+                                "scaler": None}}
+
+
+def train_one(method: str, work: Path, log) -> dict:
+    """Train ``method`` on a fresh sample copy under ``work``; write its shipped run folder; return run.json."""
+    from backend.training import train
+
+    preset, steps, overrides = SPEC[method]
+    project = copy_sample(work / f"train-{method}", TASK)
+    started = time.perf_counter()
+    last = [0.0]
+
+    def show(event: dict) -> None:
+        now = time.perf_counter()
+        if event.get("type") == "progress" and (now - last[0] > 15 or event["step"] == event["total"]):
+            last[0] = now
+            log(f"  {method} step {event['step']}/{event['total']}  {now - started:.0f} s  eta {event['eta_s']:.0f} s")
+        elif event.get("type") == "validation":
+            log(f"  {method} validation Dice {event['mean']:.3f} (on the training case)")
+
+    run = train(project, method, preset=preset, steps=steps, device="cpu",
+                overrides={**overrides, "val_every": steps, "checkpoint_every": steps}, on_event=show)
+    folder = project.model_dir(method, run)
+    info = json.loads((folder / "run.json").read_text())
+    if info.get("status") != "done":
+        raise RuntimeError(f"{method}: run {run} ended {info.get('status')}")
+    best = folder / "best.pt"
+    source = best if best.is_file() else folder / "checkpoint.pt"
+    state = torch.load(source, map_location="cpu", weights_only=True)
+    dest = OUT / method
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = dest / ".checkpoint.pt.tmp"
+    torch.save(slim_checkpoint(state), tmp)
+    tmp.replace(dest / "checkpoint.pt")
+    write_json_atomic(dest / "config.json", json.loads((folder / "config.json").read_text()))
+    info.update(run=PRETRAINED_RUN, steps_done=int(state["step"]), training_seconds=round(time.perf_counter() - started, 1),
+                pretrained={"script": "sample_data/train_pretrained.py", "trained": _dt.date.today().isoformat(),
+                            "torch": torch.__version__, "threads": torch.get_num_threads(),
+                            "weights": "float16", "source_checkpoint": source.name})
+    write_json_atomic(dest / "run.json", info)
+    log(f"{method}: {steps} steps in {info['training_seconds']:.0f} s, "
+        f"{(dest / 'checkpoint.pt').stat().st_size / 1e6:.2f} MB")
+    return info
+
+
+def evaluate(methods: list[str], work: Path, log) -> dict[str, dict]:
+    """Install the shipped runs into a fresh copy (as the demo does), infer, score against the references."""
+    from backend.inference import infer
+    from backend.methods import get_method
+
+    project = copy_sample(work / "evaluate", TASK)
+    install_pretrained(project, TASK, methods, source=OUT)
+    results: dict[str, dict] = {}
+    for method in methods:
+        tic = time.perf_counter()
+        infer(project, method, run=PRETRAINED_RUN, device="cpu")
+        seconds = time.perf_counter() - tic
+        scores = project.scores(method, PRETRAINED_RUN)["cases"]
+        primary = get_method(method).primary_view
+        ref_dice = {}
+        for case in project.unlabeled_cases():
+            ref_path = reference_label_path(TASK, case)
+            if ref_path is None:
+                continue
+            pred = read_volume(project.pseudo_dir(method, PRETRAINED_RUN) / case / f"{primary}.nii.gz").array
+            ref = read_volume(ref_path).array
+            ref_dice[case] = round(float(np.mean(dice_per_class(pred, ref, project.num_classes))), 4)
+        results[method] = {"reference_dice": ref_dice, "primary_view": primary, "inference_seconds": round(seconds, 1),
+                           "agreement": {c: _round(s.get("agreement_mean")) for c, s in scores.items()}}
+        log(f"{method}: inferred {len(scores)} cases in {seconds:.0f} s; Dice of '{primary}' vs reference {ref_dice}")
+    return results
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 4)
+
+
+def _validation_dice(info: dict) -> float | None:
+    """The run's best validation mean Dice (``best``; else its last validation)."""
+    if (info.get("best") or {}).get("dice") is not None:
+        return float(info["best"]["dice"])
+    return (info.get("last_validation") or {}).get("mean")
+
+
+def write_readme(infos: dict[str, dict], results: dict[str, dict]) -> None:
+    lines = [
+        "# Pretrained checkpoints of the brain-tissue sample",
+        "",
+        "Written by `sample_data/train_pretrained.py` (do not edit by hand; rerun it after a method's networks",
+        "change). Each folder is an ordinary training run of the engine on the sample's one labeled case",
+        "(`mni152_t1`, grey/white matter), slimmed for shipping (float16 weights, no optimizer state).",
+        "`backend.sample.install_pretrained` (the demo, `scripts/run.sh`) installs them into a project as run",
+        f"`{PRETRAINED_RUN}` of each method.",
+        "",
+        "Dice: mean over grey and white matter of the primary view against the held-aside reference label of",
+        "`itk_kmeans_t1` (`sample_data/reference/`; a k-means segmentation, noisy: read it as a sanity check, not",
+        "a benchmark; `colin27_ch2` has none). Agreement: the mean agreement Dice between the method's views (what",
+        "the review queue sorts by; `-` for a method with one view). Infer s: both unlabeled cases, CPU.",
+        "",
+        "| method | preset (overrides) | steps | train s | MB | validation Dice mni152_t1 (trained on) | "
+        "Dice itk_kmeans_t1 | agreement itk_kmeans_t1 | agreement colin27_ch2 | infer s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def num(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    for method, info in infos.items():
+        preset, steps, overrides = SPEC[method]
+        res = results.get(method, {})
+        ref = res.get("reference_dice", {})
+        agree = res.get("agreement", {})
+        size = (OUT / method / "checkpoint.pt").stat().st_size / 1e6
+        extra = f" ({', '.join(f'{k}={v}' for k, v in overrides.items())})" if overrides else ""
+        lines.append(f"| {method} | {preset}{extra} | {info['steps_done']} | {info['training_seconds']:.0f} | "
+                     f"{size:.1f} | {num(_validation_dice(info))} | "
+                     f"{num(ref.get('itk_kmeans_t1'))} | {num(agree.get('itk_kmeans_t1'))} | "
+                     f"{num(agree.get('colin27_ch2'))} | {res.get('inference_seconds', 0):.0f} |")
+    info0 = next(iter(infos.values()))
+    lines += ["", f"Trained {info0['pretrained']['trained']} with torch {info0['pretrained']['torch']} on "
+                  f"{info0['pretrained']['threads']} CPU thread(s) of a 2-core machine shared with other jobs (train "
+                  "and infer seconds are wall time there, at a load average of about 10)."]
+    (OUT.parent / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    global OUT
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=",".join(SPEC), help="comma-separated subset")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--steps", type=int, help="train every method this many steps (a smoke run)")
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="train nothing: score the shipped runs again and rewrite the README")
+    parser.add_argument("--out", type=Path, default=OUT, help=f"output folder (default {OUT.relative_to(REPO)})")
+    args = parser.parse_args(argv)
+    OUT = args.out.resolve()
+    if args.steps:
+        for name, (preset, _, overrides) in list(SPEC.items()):
+            SPEC[name] = (preset, args.steps, overrides)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in SPEC]
+    if unknown:
+        parser.error(f"no pretrained spec for {', '.join(unknown)} (known: {', '.join(SPEC)})")
+    torch.set_num_threads(args.threads)
+
+    def log(text: str) -> None:
+        print(text, flush=True)
+
+    infos: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="semiseg-pretrain-") as tmp:
+        for method in methods:
+            if args.evaluate_only:
+                infos[method] = json.loads((OUT / method / "run.json").read_text())
+            else:
+                infos[method] = train_one(method, Path(tmp), log)
+        results = evaluate(methods, Path(tmp), log)
+    for method, res in results.items():
+        run_json = OUT / method / "run.json"
+        info = json.loads(run_json.read_text())
+        info["pretrained"].update(reference_dice=res["reference_dice"], agreement=res["agreement"],
+                                  inference_seconds=res["inference_seconds"])
+        write_json_atomic(run_json, info)
+        infos[method] = info
+    # the README covers every shipped method (those not retrained this time keep their recorded numbers)
+    all_infos = {}
+    for method in SPEC:
+        if (OUT / method / "run.json").is_file() and all((OUT / method / n).is_file() for n in RUN_FILES):
+            all_infos[method] = infos.get(method) or json.loads((OUT / method / "run.json").read_text())
+            if method not in results:
+                p = all_infos[method]["pretrained"]
+                results[method] = {"reference_dice": p.get("reference_dice", {}), "agreement": p.get("agreement", {}),
+                                   "inference_seconds": p.get("inference_seconds", 0)}
+    write_readme(all_infos, results)
+    total = sum((OUT / m / "checkpoint.pt").stat().st_size for m in all_infos) / 1e6
+    log(f"wrote {OUT} ({total:.1f} MB of checkpoints)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
