@@ -105,6 +105,7 @@ class ReviewDock(QWidget):
         self._accepted: np.ndarray | None = None        # the case's accepted label when it was opened
         self._label_version: Any = None                 # Project.label_version of the case when it was opened
         self._version_known = False
+        self._wanted_disagreement: str | None = None    # whose disagreement the reviewer chose (kept across cases)
         self._build_ui()
         self._autosave = QTimer(self)
         self._autosave.setSingleShot(True)
@@ -182,7 +183,7 @@ class ReviewDock(QWidget):
         self.disagreement_check.toggled.connect(lambda _on: self._apply_disagreement())
         self.disagreement_combo = QComboBox()
         self.disagreement_combo.setToolTip("Whose views the outline and the slice profile compare")
-        self.disagreement_combo.currentIndexChanged.connect(lambda _i: self._apply_disagreement(data=True))
+        self.disagreement_combo.currentIndexChanged.connect(self._on_disagreement_chosen)
         compare_layout.addWidget(self.disagreement_check, 0, 0)
         compare_layout.addWidget(self.disagreement_combo, 0, 1)
         self.cycle_button = QPushButton("Next view  [Shift+V]")
@@ -617,11 +618,14 @@ class ReviewDock(QWidget):
         return steps
 
     def _disagreement_choice(self, by_method: dict[str, np.ndarray]) -> str | None:
-        """The disagreement to show: the one chosen in the box when the case has it, else the first method's."""
-        current = self.disagreement_combo.currentData()
-        if current in by_method:
-            return current
+        """The disagreement to show: the one the reviewer chose when the case has it, else the first method's."""
+        if self._wanted_disagreement in by_method:
+            return self._wanted_disagreement
         return next(iter(by_method), None)
+
+    def _on_disagreement_chosen(self, _index: int) -> None:
+        self._wanted_disagreement = self.disagreement_combo.currentData()
+        self._apply_disagreement(data=True)
 
     def _run_steps(self, token: int, steps: list, done) -> None:
         """Run ``steps`` a few at a time (at least one, then until 30 ms passed) per turn of the event loop."""

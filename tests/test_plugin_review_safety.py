@@ -106,6 +106,13 @@ def test_disagreement_outline_per_method_toggle_3d_and_worst_slice(dock, qtbot, 
     assert not layer.visible
     dock.viewer.dims.ndisplay = 2
     assert layer.visible
+    # the choice holds for the next case
+    other = load(qtbot, dock, [c for c in dock.table_cases() if c != case][0])
+    other_views = review.read_views(reviewed_project, other)
+    assert dock.disagreement_shown() == "genericssl"
+    assert np.array_equal(dock.viewer.layers[DISAGREEMENT].data, review.disagreement(
+        [other_views["genericssl:combined"], other_views["genericssl:diffusion"]]))
+    load(qtbot, dock, case)
     # the worst slice, by button / Shift+W, and by a click on the profile
     worst = int(np.argmax(review.slice_profile(expected)))
     assert dock.go_to_worst_slice() == worst and dock.current_slice() == worst
