@@ -45,6 +45,8 @@ def format_event(event: dict[str, Any]) -> str | None:
                     f"{event['device']}")
         resumed = f", resumed at step {event['step']}" if event.get("resumed") else ""
         procs = f" x{event['world_size']}" if event.get("world_size", 1) > 1 else ""
+        if event.get("cpu_threads"):
+            procs += f" ({event['cpu_threads']} thread{'s' if event['cpu_threads'] > 1 else ''})"
         return (f"train {event['method']} ({event.get('preset') or 'paper defaults'}) run {event['run']} on "
                 f"{event['device']}{procs}: {len(event['labeled_cases'])} labeled, "
                 f"{len(event['unlabeled_cases'])} unlabeled cases, {event['total']} steps{resumed}")

@@ -26,7 +26,7 @@ from backend.methods import get_method
 from backend.methods.base import Method
 from backend.metrics import agreement, volumes_ml
 from backend.project import Project, write_json_atomic
-from backend.training import best_run, load_checkpoint, run_checkpoint
+from backend.training import best_run, cpu_thread_policy, load_checkpoint, run_checkpoint
 from backend.volume import write_volume
 
 
@@ -90,8 +90,14 @@ def infer(project: Project | str | Path, method: str, *, run: str | None = None,
     (or ``cancelled`` when ``should_stop`` returns True between cases: nothing of the unfinished run is scored).
     """
     project = project if isinstance(project, Project) else Project.open(project)
-    emit = on_event or (lambda event: None)
     model, run, info = load_trained(project, method, run, device, checkpoint)
+    with cpu_thread_policy(model.device):  # the training's thread policy (see backend.training)
+        return _infer(project, method, model, run, info, cases, on_event, should_stop)
+
+
+def _infer(project: Project, method: str, model: Method, run: str, info: dict[str, Any], cases: list[str] | None,
+           on_event: Callable[[dict], None] | None, should_stop: Callable[[], bool] | None) -> str:
+    emit = on_event or (lambda event: None)
     todo = list(cases) if cases is not None else project.unlabeled_cases()
     known = set(project.case_ids())
     unknown = [c for c in todo if c not in known]

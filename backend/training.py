@@ -22,11 +22,23 @@ a pure function of ``(seed, step)`` (see :mod:`backend.data`), and validation ru
 never shifts the training stream.  On the CPU a run cancelled and resumed ends bit-identical to an
 uninterrupted one.  On CUDA cuDNN autotuning is on (speed first), so runs agree only to float tolerance.
 
+CPU threads (:func:`cpu_threads`): on the CPU, training and inference use one intra-op thread fewer than the
+cores this process may run on (one on a 2-core machine), unless ``$SEMISEG_THREADS`` or ``$OMP_NUM_THREADS``
+says otherwise.  PyTorch's OpenMP threads spin-wait for each other at every operator; when another process
+(napari's software rendering, a second job, another user) holds one of the cores, a step with as many threads
+as cores waits on the descheduled thread at each of its ~1000 small ops.  Measured on the shared 2-core CPU
+(supervised ``quick``, same batches, alternating): 2 threads 18-22 s/step, 1 thread 1.5-2.3 s/step, 2 threads
+with ``OMP_WAIT_POLICY=PASSIVE`` 2.9-3.6 s/step; on an idle machine 2 threads took 0.32 s/step
+(bench/results/speed-cpu-2core.md).  That spin-wait collapse, not the data pipeline or validation, is why the
+real pipeline ran 5-20x slower per step than the bench: the bench's compute-only loop and :func:`train` take the
+same time per step under the same load (17.0 vs 17.0 s/step).
+
 Data-parallel training (``torch.distributed`` initialised by :mod:`backend.training_dist`): see
 :func:`_distributed_setup` for why methods are not wrapped in ``DistributedDataParallel``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -35,7 +47,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -54,7 +66,52 @@ CHECKPOINT_FORMAT = 1
 PROGRESS_INTERVAL_S = 0.5  # progress events at most twice a second (plus the first and the last step)
 MAX_LOG_LINES = 2000  # metrics.jsonl holds about this many training lines per run (losses averaged between)
 
+THREADS_ENV = "SEMISEG_THREADS"  # intra-op torch threads on the CPU (default: see cpu_threads)
+
 Event = Callable[[dict], None]
+
+
+# ---- CPU threads -------------------------------------------------------------------------------------------------
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def cpu_threads() -> int:
+    """Intra-op torch threads for CPU training and inference: ``$SEMISEG_THREADS`` when set, else the current
+    count when ``$OMP_NUM_THREADS`` is set (the user's choice, and what ``backend.training_dist`` gives each
+    rank), else one fewer than :func:`usable_cores` (at least 1), so a core stays free for the viewer and the
+    OS (see the module docstring for the measured reason)."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if value:
+        try:
+            threads = int(value)
+        except ValueError:
+            raise InputError(None, f"${THREADS_ENV} must be a whole number of threads (got '{value}')") from None
+        if threads < 1:
+            raise InputError(None, f"${THREADS_ENV} must be at least 1 (got {threads})")
+        return threads
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        return torch.get_num_threads()
+    return max(1, usable_cores() - 1)
+
+
+@contextlib.contextmanager
+def cpu_thread_policy(device: torch.device) -> Iterator[int]:
+    """Within the block, torch uses :func:`cpu_threads` intra-op threads when ``device`` is the CPU (restored
+    after); yields the thread count in effect."""
+    if device.type != "cpu":
+        yield torch.get_num_threads()
+        return
+    before = torch.get_num_threads()
+    threads = cpu_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
 
 
 # ---- runs on disk -----------------------------------------------------------------------------------------------
@@ -358,9 +415,18 @@ def train_method(project: Project | str | Path, method: str, *, preset: str | No
                  overrides: dict | None = None, on_event: Callable[[dict], None] | None = None,
                  should_stop: Callable[[], bool] | None = None) -> tuple[str, Method]:
     """:func:`train`, returning ``(run name, the trained method instance)``."""
+    dev = pick_device(device)
+    with cpu_thread_policy(dev) as threads:
+        return _train_method(project, method, preset=preset, steps=steps, dev=dev, threads=threads, run=run,
+                             resume=resume, overrides=overrides, on_event=on_event, should_stop=should_stop)
+
+
+def _train_method(project: Project | str | Path, method: str, *, preset: str | None, steps: int | None,
+                  dev: torch.device, threads: int, run: str | None, resume: bool, overrides: dict | None,
+                  on_event: Callable[[dict], None] | None, should_stop: Callable[[], bool] | None
+                  ) -> tuple[str, Method]:
     project = project if isinstance(project, Project) else Project.open(project)
     cls = get_method(method)
-    dev = pick_device(device)
     rank, world = _dist_info()
     emit: Event = on_event if (on_event is not None and rank == 0) else (lambda event: None)
     overrides = dict(overrides or {})
@@ -443,7 +509,8 @@ def train_method(project: Project | str | Path, method: str, *, preset: str | No
         "unlabeled_cases": split["unlabeled_cases"], "unlabeled_count": len(split["unlabeled_cases"]),
         "unlabeled_from_labeled": sampler.unlabeled_from_labeled,
         "views": list(cls.views), "primary_view": cls.primary_view,
-        "device": str(dev), "world_size": world, "status": "running", "steps_done": start,
+        "device": str(dev), "world_size": world, "cpu_threads": threads if dev.type == "cpu" else None,
+        "status": "running", "steps_done": start,
         "max_steps": config.max_steps, "started": _now(), "updated": _now(),
     }
     if rank == 0:
@@ -466,6 +533,7 @@ def train_method(project: Project | str | Path, method: str, *, preset: str | No
         write_json_atomic(files.run_json, info)
     emit({"type": "start", "run": run, "method": method, "preset": preset, "device": str(dev), "step": start,
           "total": config.max_steps, "resumed": bool(resume), "world_size": world,
+          "cpu_threads": threads if dev.type == "cpu" else None,
           "labeled_cases": split["labeled_cases"], "val_cases": split["val_cases"],
           "unlabeled_cases": split["unlabeled_cases"]})
 

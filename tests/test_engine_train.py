@@ -158,3 +158,41 @@ def test_train_on_cuda_with_amp(small):
     run = train(small, "supervised", preset="tiny", steps=3, device="cuda", overrides=FAST)
     info = json.loads((small.model_dir("supervised", run) / "run.json").read_text())
     assert info["device"].startswith("cuda") and info["status"] == "done"
+
+
+def test_cpu_thread_policy_leaves_a_core_free_and_is_restored(small, monkeypatch):
+    from backend import training
+
+    monkeypatch.delenv("SEMISEG_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(training.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert training.cpu_threads() == 1  # 2 cores: one thread (2 threads collapse when a core is busy)
+    monkeypatch.setattr(training.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert training.cpu_threads() == 15
+    monkeypatch.setattr(training.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert training.cpu_threads() == 1
+    monkeypatch.setenv("SEMISEG_THREADS", "3")
+    assert training.cpu_threads() == 3
+    monkeypatch.setenv("SEMISEG_THREADS", "lots")
+    with pytest.raises(InputError, match="SEMISEG_THREADS"):
+        training.cpu_threads()
+    monkeypatch.delenv("SEMISEG_THREADS")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert training.cpu_threads() == torch.get_num_threads()  # the user's explicit choice is kept
+
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(training.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    before = torch.get_num_threads()
+    seen = []
+    real_step = training.get_method("supervised").train_step
+
+    def spy(self, labeled, unlabeled, step):
+        seen.append(torch.get_num_threads())
+        return real_step(self, labeled, unlabeled, step)
+
+    monkeypatch.setattr(training.get_method("supervised"), "train_step", spy)
+    events = []
+    run = train(small, "supervised", preset="tiny", steps=2, device="cpu", overrides=FAST, on_event=events.append)
+    assert seen == [1, 1] and torch.get_num_threads() == before
+    assert events[0]["cpu_threads"] == 1
+    assert json.loads((small.model_dir("supervised", run) / "run.json").read_text())["cpu_threads"] == 1
