@@ -1,4 +1,5 @@
-"""Training and inference speed of every registered method, per preset, on the real sample data.
+"""Training and inference speed of every registered method, per preset, on the real sample data, through the
+code path a user runs.
 
     python bench/speed.py                      # presets tiny and quick of every importable method
     python bench/speed.py --presets tiny       # a few minutes on a laptop CPU
@@ -6,9 +7,14 @@
 
 Each (method, preset) runs in its own child process, so peak memory is that configuration's alone.  Measured:
 
-* training: seconds per step, median over ``--steps`` steps after ``--warmup`` steps, on one batch kept in memory
-  (compute only; the time to draw a batch is reported beside it);
-* inference: seconds for ``Method.pseudo_labels`` (every view) on a whole real volume of the brain-tissue sample;
+* training: :func:`backend.training.train` itself on a fresh copy of the brain-tissue sample project (the real
+  data pipeline, the CPU thread policy, metrics and checkpoint writing, validation at the end), ``--warmup +
+  --steps`` steps; s/step is the median step time of that run (``run.json`` ``seconds_per_step``, first step
+  excluded), "all-in" the wall time of the whole call divided by its steps; validation: the seconds of one
+  validation (whole-volume prediction of the validation case, as the loop runs it every ``val_every`` steps);
+  the preset run is projected from both (``max_steps`` x s/step + one validation per ``val_every``);
+* inference: :func:`backend.inference.case_views` (preprocessing, every view, back onto the case's grid) on a
+  whole real volume of the brain-tissue sample;
 * peak resident memory of the process (``resource.getrusage``) and, on CUDA, peak allocated GPU memory.
 
 Prints a Markdown table and writes it to ``bench/results/speed-<host kind>.md``.
@@ -20,6 +26,7 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,77 +53,67 @@ def _peak_rss_mib() -> float:
 
 def measure(method: str, preset: str, *, device: str, steps: int, warmup: int, case: str) -> dict:
     """One (method, preset): run in a fresh process (see :func:`main`)."""
-    import numpy as np
     import torch
 
-    from backend.data import make_sampler
-    from backend.devices import pick_device
-    from backend.intensity import normalize_intensity
+    from backend.data import load_case
+    from backend.inference import case_views
     from backend.methods import get_method
-    from backend.project import Project
-    from backend.sample import sample_root
-    from backend.training import seed_everything
+    from backend.sample import copy_sample
+    from backend.training import cpu_thread_policy, train_method, validate
 
-    project = Project.open(sample_root() / "brain_tissue")
-    dev = pick_device(device)
-    cls = get_method(method)
-    config = cls.make_config(preset, num_classes=project.num_classes, max_steps=max(steps + warmup, 2))
-    seed_everything(0)
-    model = cls(config, dev)
-    sampler = make_sampler(project, config, project.labeled_cases(), project.unlabeled_cases(), seed=0, device=dev)
-    draw = []
-    for _ in range(10):
+    with tempfile.TemporaryDirectory() as tmp:
+        project = copy_sample(Path(tmp) / "brain", "brain_tissue")
+        preset_config = get_method(method).make_config(preset)
+        total = max(steps + warmup, 2)
         tic = time.perf_counter()
-        labeled, unlabeled = sampler.next()
-        _sync(dev)
-        draw.append(time.perf_counter() - tic)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    model.train()
-    times = []
-    for step in range(warmup + steps):
-        for optimizer in model.optimizers():
-            for group in optimizer.param_groups:
-                group["lr"] = model.lr_at(step)
-        _sync(dev)
-        tic = time.perf_counter()
-        model.train_step(labeled, unlabeled, step)
-        _sync(dev)
-        if step >= warmup:
-            times.append(time.perf_counter() - tic)
-    train_cuda = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None
-
-    image = project.read_image(case)
-    volume = torch.from_numpy(np.ascontiguousarray(normalize_intensity(image.array, project.modality)[None]))
-    model.eval()
-    if dev.type == "cuda":
-        model.pseudo_labels(volume)  # warm-up (cuDNN autotuning, allocator)
-        torch.cuda.reset_peak_memory_stats(dev)
-    _sync(dev)
-    tic = time.perf_counter()
-    views = model.pseudo_labels(volume)
-    _sync(dev)
-    infer_s = time.perf_counter() - tic
-    params = sum(p.numel() for m in model.modules().values() for p in m.parameters())
-    return {
-        "method": method, "preset": preset, "device": str(dev),
-        "patch": "x".join(map(str, config.patch_size)),
-        "batch": f"{config.batch_labeled}+{config.batch_unlabeled}",
-        "params_m": params / 1e6,
-        "step_s": float(np.median(times)), "steps": len(times),
-        "data_ms": float(np.median(draw)) * 1000,
-        "infer_s": infer_s, "infer_case": f"{case} {'x'.join(map(str, image.shape))}", "views": len(views),
-        "rss_gib": _peak_rss_mib() / 1024,
-        "cuda_train_gib": train_cuda,
-        "cuda_infer_gib": torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None,
-    }
+        run, model = train_method(project, method, preset=preset, steps=total, device=device)
+        _sync(model.device)
+        all_in = (time.perf_counter() - tic) / total
+        info = json.loads((project.model_dir(method, run) / "run.json").read_text())
+        train_cuda = torch.cuda.max_memory_allocated(model.device) / 2 ** 30 if model.device.type == "cuda" else None
+        with cpu_thread_policy(model.device) as threads:
+            val_cases = [load_case(project, c, config=model.config) for c in info["val_cases"]]
+            tic = time.perf_counter()
+            validate(model, val_cases, project.labels)
+            _sync(model.device)
+            val_s = time.perf_counter() - tic
+            model.eval()
+            if model.device.type == "cuda":
+                case_views(model, project, case)  # warm-up (cuDNN autotuning, allocator)
+                torch.cuda.reset_peak_memory_stats(model.device)
+            tic = time.perf_counter()
+            views, image = case_views(model, project, case)
+            _sync(model.device)
+            infer_s = time.perf_counter() - tic
+        config = model.config
+        step_s = float(info["seconds_per_step"])
+        n_val = preset_config.max_steps // preset_config.val_every + (preset_config.max_steps % preset_config.val_every > 0)
+        params = sum(p.numel() for m in model.modules().values() for p in m.parameters())
+        return {
+            "method": method, "preset": preset, "device": str(model.device),
+            "threads": threads if model.device.type == "cpu" else None,
+            "patch": "x".join(map(str, config.patch_size)),
+            "batch": f"{config.batch_labeled}+{config.batch_unlabeled}",
+            "params_m": params / 1e6,
+            "step_s": step_s, "steps": total, "all_in_s": all_in, "val_s": val_s,
+            "preset_min": (preset_config.max_steps * step_s + n_val * val_s) / 60,
+            "preset_steps": preset_config.max_steps, "val_every": preset_config.val_every,
+            "infer_s": infer_s, "infer_case": f"{case} {'x'.join(map(str, image.shape))}", "views": len(views),
+            "rss_gib": _peak_rss_mib() / 1024,
+            "cuda_train_gib": train_cuda,
+            "cuda_infer_gib": (torch.cuda.max_memory_allocated(model.device) / 2 ** 30
+                               if model.device.type == "cuda" else None),
+        }
 
 
 # ---- the parent: one child per configuration, a table at the end ---------------------------------------------------
 def header(device: str) -> list[str]:
     return [f"# Speed ({time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC)", "", *machine_lines(device),
-            "- training: median seconds per step on one in-memory batch (after warm-up); data: median ms to draw a "
-            "batch; inference: every view of one whole volume; memory: peak of the process / of CUDA allocations",
+            "- training through backend.training.train on a copy of the sample project (real data pipeline, CPU "
+            "thread policy, validation at the end): median s/step of the run; all-in: wall time / steps; "
+            "validation: one whole-volume validation; preset run: max_steps x s/step + one validation per "
+            "val_every; inference: every view of one whole volume; memory: peak of the process / of CUDA "
+            "allocations",
             ""]
 
 
@@ -124,17 +121,20 @@ def table(rows: list[dict]) -> list[str]:
     def num(value, fmt):
         return "-" if value is None else format(value, fmt)
 
-    lines = ["| method | preset | patch | batch L+U | params (M) | s/step | steps/s | data ms | inference s "
-             "| inference volume | peak RSS GiB | peak CUDA GiB train/infer |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | preset | patch | batch L+U | params (M) | threads | s/step | steps/s | all-in s/step "
+             "| validation s | preset run min (steps, val every) | inference s | inference volume | peak RSS GiB "
+             "| peak CUDA GiB train/infer |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['method']} | {r['preset']} | error: {r['error']} |" + " |" * 9)
+            lines.append(f"| {r['method']} | {r['preset']} | error: {r['error']} |" + " |" * 12)
             continue
         cuda = "-" if r["cuda_train_gib"] is None else f"{r['cuda_train_gib']:.2f} / {r['cuda_infer_gib']:.2f}"
         lines.append(
             f"| {r['method']} | {r['preset']} | {r['patch']} | {r['batch']} | {r['params_m']:.2f} "
-            f"| {num(r['step_s'], '.3f')} | {num(1 / r['step_s'], '.2f')} | {num(r['data_ms'], '.1f')} "
+            f"| {num(r['threads'], 'd')} | {num(r['step_s'], '.3f')} | {num(1 / r['step_s'], '.2f')} "
+            f"| {num(r['all_in_s'], '.3f')} | {num(r['val_s'], '.2f')} "
+            f"| {num(r['preset_min'], '.1f')} ({r['preset_steps']}, {r['val_every']}) "
             f"| {num(r['infer_s'], '.2f')} | {r['infer_case']} | {num(r['rss_gib'], '.2f')} | {cuda} |")
     return lines
 
