@@ -85,8 +85,9 @@ def _new_file(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temp file beside ``path``, fsync it, and rename it over ``path``."""
+def write_json_atomic(path: Path, data: Any, *, sync_dir: bool = True) -> None:
+    """Write JSON to a temp file beside ``path``, fsync it, and rename it over ``path`` (then fsync the folder,
+    unless ``sync_dir`` is False: a caller that fsyncs it itself afterwards)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".tmp-{secrets.token_hex(6)}.json"
@@ -100,7 +101,8 @@ def write_json_atomic(path: Path, data: Any) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 def read_json(path: str | Path, what: str = "JSON file") -> Any:
@@ -472,7 +474,7 @@ class Project:
         names = {key: f"{tx}.{key}{suffix}" for key, suffix in
                  (("label", FILE_ENDING), ("snapshot", FILE_ENDING), ("history", ".jsonl"), ("dataset", ".json"))}
         try:
-            write_volume(image.like(array), tmp / names["label"])
+            write_volume(image.like(array), tmp / names["label"], sync_dir=False)  # the journal syncs tmp/
             _fault_point("label_written")
             shutil.copyfile(tmp / names["label"], tmp / names["snapshot"])  # the same bytes, no second compression
             fsync_file(tmp / names["snapshot"])
@@ -482,7 +484,7 @@ class Project:
                 handle.write(lines)
                 handle.flush()
                 os.fsync(handle.fileno())
-            write_json_atomic(tmp / names["dataset"], self._dataset_with(case))
+            write_json_atomic(tmp / names["dataset"], self._dataset_with(case), sync_dir=False)
             _fault_point("prepared")
             write_json_atomic(tmp / JOURNAL, {"tx": tx, "case": case, "files": names, "snapshot": record["snapshot"]})
         except OSError as exc:  # a full disk, a read-only folder: roll back, nothing changed
@@ -516,10 +518,10 @@ class Project:
             if files[key].exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(files[key], target)
-                fsync_dir(target.parent)
             _fault_point(f"renamed_{key}")
+        for folder in dict.fromkeys(target.parent for _, target in targets):
+            fsync_dir(folder)  # every rename on disk before the journal goes (else recovery replays them)
         (tmp / JOURNAL).unlink()
-        fsync_dir(tmp)
         self.dataset = self._read_dataset()
         _fault_point("journal_removed")
 

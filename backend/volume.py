@@ -300,11 +300,13 @@ def h5_has_key(path: str | Path, key: str) -> bool:
 
 
 # ---- writing -------------------------------------------------------------------------------------------
-def write_volume(volume: Volume, path: str | Path, *, metadata: dict[str, str] | None = None) -> Path:
+def write_volume(volume: Volume, path: str | Path, *, metadata: dict[str, str] | None = None,
+                 sync_dir: bool = True) -> Path:
     """Write ``volume`` to ``path`` (format from the suffix), atomically: a temp file, then a rename.
 
     A crash or a full disk never leaves a half-written file at ``path``; an earlier file there stays intact.
-    ``metadata`` becomes NRRD/MHA header fields (used for 3D Slicer's ``.seg.nrrd``).
+    ``metadata`` becomes NRRD/MHA header fields (used for 3D Slicer's ``.seg.nrrd``).  The file is fsynced, and
+    so is its folder unless ``sync_dir`` is False (a caller that fsyncs the folder itself afterwards).
     """
     path = Path(path)
     suffix = suffix_of(path)
@@ -320,7 +322,8 @@ def write_volume(volume: Volume, path: str | Path, *, metadata: dict[str, str] |
             _write_itk(volume, tmp, metadata or {})
         fsync_file(tmp)
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        if sync_dir:
+            fsync_dir(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise InputError(path, f"cannot write ({exc.strerror or exc})") from exc
