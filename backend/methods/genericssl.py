@@ -70,6 +70,11 @@ Remaining differences from the published code or the paper, each with its reason
 * Pseudo labels: ``D(psi)``'s class-unbiased map of the unlabeled batch is decoded from the encoder pass that
   trains ``D(theta)`` (see above), so the two share one bottleneck-dropout draw, where the published code runs a
   second forward pass with its own draw.
+* SVDA runs batched on the device, with axial-plane rotation, one affine resampling for rotation and scaling
+  and a fixed operation order (the published batchgenerators pipeline is per-sample numpy on the CPU); the
+  ranges are the published ones (:mod:`backend.nets.genericssl_svda` lists each choice).
+* DRS keeps the published running averages (``drs_mode = "ema"``); ``"window"`` is the exact last-``tau`` sums
+  of eq. 3 (:class:`backend.nets.genericssl_losses.DifficultyWeights`).
 * Mixed precision: CUDA autocast (bf16 where supported, else fp16 with a grad scaler) where the published code
   uses fp16 throughout; CPU runs are fp32 unless ``cpu_amp``.
 
