@@ -427,7 +427,9 @@ class ReviewDock(QWidget):
 
     def _fill_table(self) -> None:
         rows = self.visible_rows()
-        methods = self.methods_in_table()
+        # a method with one view (the supervised baseline) has no agreement to show: no column of dashes
+        methods = [m for m in self.methods_in_table()
+                   if any(r["scores"].get(m, {}).get("mean") is not None for r in self.rows)]
         headers = ["case", "status"]
         for m in methods:  # one column per method keeps the table narrow enough for the dock
             headers.append(f"{m}\nagreement Dice\nmean (worst)")

@@ -317,3 +317,25 @@ def test_closing_napari_while_a_job_runs_asks(training, qtbot, answers, monkeypa
     asked = len(answers.asked)
     assert training._close_guard.eventFilter(window, QCloseEvent()) is False  # nothing runs: no question
     assert len(answers.asked) == asked
+
+
+def test_a_method_with_one_view_gets_no_agreement_column(make_napari_viewer, qtbot, reviewed_project):
+    """The supervised baseline has one view: no agreement Dice, so no column of dashes squeezing the table."""
+    import json
+
+    from backend.volume import write_volume
+    from test_plugin_fixtures import FAKE_RUN
+
+    project = reviewed_project
+    cases = {}
+    for case in project.unlabeled_cases():
+        write_volume(project.read_image(case).like(review.read_views(project, case)["diffcl:cs"]),
+                     project.pseudo_dir("supervised", FAKE_RUN) / case / "prediction.nii.gz")
+        cases[case] = {"agreement": {}, "agreement_mean": None, "agreement_worst": None}
+    (project.pseudo_dir("supervised", FAKE_RUN) / "scores.json").write_text(json.dumps({"cases": cases}))
+    dock = open_dock(make_napari_viewer, qtbot, project.root)
+    assert "supervised" in dock.methods_in_table()
+    headers = [dock.table.horizontalHeaderItem(i).text() for i in range(dock.table.columnCount())]
+    assert [h.split("\n")[0] for h in headers] == ["case", "status", "diffcl", "genericssl"]
+    load(qtbot, dock)
+    assert "supervised:prediction" in dock.views  # its view is still shown and cycled through
