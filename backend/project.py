@@ -169,7 +169,8 @@ def check_label_values(values: Any, source: str | Path) -> None:
     """Refuse label values that a uint8 label file cannot hold (negative, over 255, not integers)."""
     bad = []
     for value in values:
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not 0 <= value <= MAX_LABEL:
+        integer = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+        if not integer or not 0 <= value <= MAX_LABEL:
             bad.append(value)
     if bad:
         shown = ", ".join(str(int(v)) if isinstance(v, (int, np.integer)) else repr(v) for v in bad[:5])

@@ -90,7 +90,7 @@ def _classify_kill(row: Row, state: str, expected: str | None) -> None:
         _note(row, state[:80])
 
 
-# ---- SIGKILL at each step --------------------------------------------------------------------------------------------
+# ---- SIGKILL at each step ----------------------------------------------------------------------------------------
 def kill_at_steps(work: Path, tries: int) -> list[Row]:
     project = lesion_project(work / "steps")
     old = reference_label(0)
@@ -169,7 +169,7 @@ def random_kills(work: Path, tries: int, seed: int = 0) -> Row:
     return row
 
 
-# ---- concurrent accepts -----------------------------------------------------------------------------------------------
+# ---- concurrent accepts ------------------------------------------------------------------------------------------
 def concurrent(work: Path, tries: int, versioned: bool) -> Row:
     project = lesion_project(work / ("race-v" if versioned else "race"))
     project.accept(CASE, reference_label(0), source="first")
@@ -225,7 +225,7 @@ def concurrent(work: Path, tries: int, versioned: bool) -> Row:
     return row
 
 
-# ---- a full disk ---------------------------------------------------------------------------------------------------
+# ---- a full disk -------------------------------------------------------------------------------------------------
 def full_disk(work: Path, tries: int) -> Row:
     row = _row("accept on a full disk (tmpfs)")
     mount = work / "disk"
@@ -284,7 +284,7 @@ def _fill(mount: Path, leave: int) -> Path:
     return filler
 
 
-# ---- killed training jobs ----------------------------------------------------------------------------------------------
+# ---- killed training jobs ----------------------------------------------------------------------------------------
 def killed_training(work: Path, tries: int) -> Row:
     import torch
 
@@ -319,7 +319,7 @@ def killed_training(work: Path, tries: int) -> Row:
     return row
 
 
-# ---- malformed inputs --------------------------------------------------------------------------------------------------
+# ---- malformed inputs --------------------------------------------------------------------------------------------
 def malformed(work: Path) -> Row:
     import re
 
@@ -348,7 +348,7 @@ def malformed(work: Path) -> Row:
     return row
 
 
-# ---- report --------------------------------------------------------------------------------------------------------------
+# ---- report ------------------------------------------------------------------------------------------------------
 def report(rows: list[Row], args: argparse.Namespace, seconds: float) -> str:
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"# Fault campaign: no label lost ({now})", "",

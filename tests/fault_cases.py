@@ -384,7 +384,8 @@ def _engine(command: str, *extra: str) -> Callable[[Path], tuple]:
 
 MALFORMED: list[Malformed] = [
     # init: labels
-    Malformed("init-negative-label", _with_label_array(_negative_labels), 2, r"label values must be integers 0\.\.255; found -1"),
+    Malformed("init-negative-label", _with_label_array(_negative_labels), 2,
+              r"label values must be integers 0\.\.255; found -1"),
     Malformed("init-label-300", _with_label_array(_set_voxel(np.int16, 300)), 2, r"0\.\.255; found 300"),
     Malformed("init-label-fraction", _with_label_array(_set_voxel(np.float32, 0.5)), 2, "non-integer"),
     Malformed("init-label-nan", _with_label_array(_set_voxel(np.float32, np.nan)), 2, "non-integer"),
@@ -393,7 +394,8 @@ MALFORMED: list[Malformed] = [
     Malformed("init-label-without-image", _orphan_label, 2, r"case2.nii.gz: label for case 'case2' has no image"),
     # init: images
     Malformed("init-truncated", _raw_file("case1_0000.nii.gz", _truncated), 2, r"case1_0000.nii.gz: cannot read"),
-    Malformed("init-not-an-image", _raw_file("case1_0000.nii.gz", b"not an image"), 2, r"case1_0000.nii.gz: cannot read"),
+    Malformed("init-not-an-image", _raw_file("case1_0000.nii.gz", b"not an image"), 2,
+              r"case1_0000.nii.gz: cannot read"),
     Malformed("init-empty-file", _raw_file("case1_0000.nii.gz", b""), 2, r"case1_0000.nii.gz: cannot read"),
     Malformed("init-unsupported-h5", _raw_file("case1.h5", b"\x89HDF\r\n\x1a\n"), 2, r"case1.h5: cannot read"),
     Malformed("init-2d", _nifti_array(np.zeros((20, 30), np.int16)), 2, r"2D image of shape"),
@@ -406,7 +408,8 @@ MALFORMED: list[Malformed] = [
     Malformed("init-duplicate-case", _duplicate_case, 2, r"duplicate case 'case1'"),
     Malformed("init-no-images", _empty_folder, 2, r"no images found"),
     Malformed("init-images-not-a-folder", _not_a_folder, 2, r"not a folder"),
-    Malformed("init-dicom-missing-slice", _dicom_missing_slice, 2, r"non-uniform slice spacing: slices 4 and 5 are 3 mm apart"),
+    Malformed("init-dicom-missing-slice", _dicom_missing_slice, 2,
+              r"non-uniform slice spacing: slices 4 and 5 are 3 mm apart"),
     Malformed("init-decathlon-bad-json", _decathlon_bad_json, 2, r"dataset.json: invalid JSON"),
     # init: label names
     Malformed("labels-json-not-json", _labels_json("{background: 0"), 2, r"invalid label JSON"),
@@ -435,6 +438,7 @@ MALFORMED: list[Malformed] = [
               r"invalid case name '\.\./x'"),
     Malformed("spec-json-corrupt", _job_spec("{\"kind\": "), 2, r"spec.json: corrupt spec.json"),
     # engine: run names (foreground commands create no folder outside the project)
-    Malformed("train-run-escapes", _engine("train", "--preset", "tiny", "--run", "../../x"), 2, r"invalid run name '\.\./\.\./x'"),
+    Malformed("train-run-escapes", _engine("train", "--preset", "tiny", "--run", "../../x"), 2,
+              r"invalid run name '\.\./\.\./x'"),
     Malformed("infer-run-escapes", _engine("infer", "--run", "../../x"), 2, r"invalid run name '\.\./\.\./x'"),
 ]
