@@ -330,6 +330,11 @@ def test_mu_follows_the_published_gaussian_ramp_up_at_given_steps(one_torch_thre
     assert "rampup_steps" in cls.config_class.run_length_fields
     m.config = short
     assert m.mu_at(110) == pytest.approx(10.0) and m.mu_at(55) == pytest.approx(10.0 * math.exp(-1.25))
+    # a run saved when None meant "the whole run" still loads and ramps over its whole length
+    import json
+    saved = json.loads(cls.make_config("tiny").to_json()) | {"rampup_steps": None, "max_steps": 80}
+    old = cls(cls.config_class.from_dict(saved))
+    assert old.config.rampup_steps == 80 and old.mu_at(80) == pytest.approx(10.0)
 
 
 def test_one_iteration_wires_each_pseudo_label_and_loss_to_its_network(one_torch_thread, monkeypatch):

@@ -248,6 +248,8 @@ class GenericSSL(Method):
     primary_view = "combined"
 
     def __init__(self, config: GenericSSLConfig, device: torch.device | str = "cpu"):
+        if config.rampup_steps is None:  # configs of runs made before it was a run-length field: the whole run
+            config.rampup_steps = config.max_steps
         super().__init__(config, device)
         c = config
         self.net = self.to_device(DiffVNet(
