@@ -33,6 +33,7 @@ from backend.sample import PRETRAINED_RUN, copy_sample, install_pretrained, pret
 DEFAULT_METHODS = ("supervised", "diffrect", "diffcl", "genericssl")
 DEFAULT_TRAIN_PRESET = "tiny"
 SAMPLE_TASK = "brain_tissue"
+ETA_PRIOR_S = 20.0  # seconds of expected work the ETA trusts the expected times for, before the measured pace
 FALLBACK_INFER_S = 20.0  # per method and case, before anything was timed (a 3D diffusion method on 2 CPU cores)
 
 
@@ -126,7 +127,9 @@ def infer_all(project: Project, jobs: list[tuple[str, str | None]], clock: Clock
                 share = event["step"] / max(1, event["total"])
                 work_done = done_expected + share * method_expected
                 spent = clock.elapsed() - phase_start
-                rate = spent / work_done if work_done > 0 else 1.0
+                # pace against the expected times, shrunk towards 1 while little is done (the first model load
+                # also pays the imports, which would otherwise inflate the ETA of the rest)
+                rate = (spent + ETA_PRIOR_S) / (work_done + ETA_PRIOR_S)
                 remaining = (sum(expected.values()) - work_done) * rate
                 agree = event.get("agreement_mean")
                 agree_text = "one view" if agree is None else f"agreement Dice {agree:.3f}"

@@ -181,7 +181,8 @@ def write_readme(infos: dict[str, dict], results: dict[str, dict]) -> None:
     info0 = next(iter(infos.values()))
     lines += ["", f"Trained {info0['pretrained']['trained']} with torch {info0['pretrained']['torch']} on "
                   f"{info0['pretrained']['threads']} CPU thread(s) of a 2-core machine shared with other jobs (train "
-                  "and infer seconds are wall time there, at a load average of about 10)."]
+                  "and infer seconds are wall time there). Training is deterministic on the CPU: a rerun on unchanged "
+                  "method code writes byte-identical checkpoints."]
     (OUT.parent / "README.md").write_text("\n".join(lines) + "\n")
 
 
