@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
               "takes minutes on a 2-core CPU, --preset quick about half an hour):\n"
               f"  {python} -m backend.demo {shlex.quote(str(root))} --train --preset {args.preset}\n"
               f"or one method:  {shlex.quote(str(Path(sys.executable).with_name('semiseg')))} train "
-              f"{shlex.quote(str(root))} --method diffrect --preset quick\n")
+              f"{shlex.quote(str(root))} --method {methods[0] if methods else 'diffrect'} --preset quick\n")
 
     with_display, headless = open_command(root)
     print(f"To review in napari:\n  {with_display}")
