@@ -55,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         print("no case was loaded", file=sys.stderr)
         return 1
     review.parent().raise_()
+    from qtpy.QtCore import Qt
+
+    _turn(app, 0.5)  # the table filled: widen the dock to show every method's column without scrolling
+    need = review.table.horizontalHeader().length() + review.table.verticalScrollBar().sizeHint().width() + 40
+    window.resizeDocks([review.parent()], [max(need, review.width())], Qt.Orientation.Horizontal)
     review.go_to_worst_slice()
     _turn(app, 1.5)
     viewer.screenshot(str(args.out), canvas_only=False)
