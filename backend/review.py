@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from backend.project import FILE_ENDING, Project, _user_name, check_case_name, write_json_atomic
+from backend.runs import pick_best_run, run_best_dice
 from backend.volume import Volume, read_volume, strip_suffix, write_volume
 
 MAJORITY = "majority"  # the name of the majority-vote "view"
@@ -291,33 +292,21 @@ def model_runs(project: Project) -> list[dict[str, Any]]:
             except ValueError:
                 data = {}
             out.append({**data, "method": run_json.parent.parent.name, "run": run_json.parent.name,
-                        "labeled_count": data.get("labeled_count"), "best_dice": _best_dice(data),
+                        "labeled_count": data.get("labeled_count"), "best_dice": run_best_dice(data),
                         "has_checkpoint": (run_json.parent / "checkpoint.pt").is_file()})
     return sorted(out, key=lambda r: (r["run"], r["method"]))
 
 
-def _best_dice(info: dict[str, Any]) -> float | None:
-    """The best validation mean Dice of a run's ``run.json`` (``best``, else its last validation)."""
-    best = info.get("best") or {}
-    if best.get("dice") is not None:
-        return float(best["dice"])
-    last = info.get("last_validation") or {}
-    return None if last.get("mean") is None else float(last["mean"])
-
-
 def best_runs(project: Project, runs: list[dict[str, Any]] | None = None) -> dict[str, str]:
     """``{method: run}``: the run inference uses by default, the one with the highest best validation Dice
-    (ties: the newest; the newest run when none validated).  The same rule as ``backend.training.best_run``
-    (a test holds them together), read from ``run.json`` files only, so napari's process never imports torch."""
+    (ties: the newest; the newest run when none validated): :func:`backend.runs.pick_best_run`, the rule of
+    ``backend.training.best_run``, read from ``run.json`` files only, so napari's process never imports torch."""
     runs = model_runs(project) if runs is None else runs
-    ranked: dict[str, tuple] = {}
-    for run in runs:  # oldest first: a later run wins ties
-        if not run.get("has_checkpoint"):
-            continue  # still starting, or its checkpoint is gone: inference cannot use it
-        key = (run["best_dice"] is not None, run["best_dice"] or 0.0, run["run"])
-        if run["method"] not in ranked or key >= ranked[run["method"]][0]:
-            ranked[run["method"]] = (key, run["run"])
-    return {method: run for method, (_key, run) in ranked.items()}
+    candidates: dict[str, list[tuple[str, float | None]]] = {}
+    for run in sorted(runs, key=lambda r: r["run"]):  # oldest first: a later run wins ties
+        if run.get("has_checkpoint"):  # else still starting, or its checkpoint is gone: inference cannot use it
+            candidates.setdefault(run["method"], []).append((run["run"], run["best_dice"]))
+    return {method: pick_best_run(pairs) for method, pairs in candidates.items()}
 
 
 def training_choices() -> dict[str, Any]:

@@ -58,6 +58,7 @@ from backend.errors import InputError
 from backend.methods import get_method
 from backend.methods.base import BaseConfig, Method
 from backend.metrics import dice_per_class
+from backend.runs import pick_best_run, run_best_dice
 from backend.project import Project, write_json_atomic
 
 CHECKPOINT = "checkpoint.pt"
@@ -139,25 +140,10 @@ def run_info(project: Project, method: str, run: str) -> dict[str, Any]:
         return {}
 
 
-def run_best_dice(info: dict[str, Any]) -> float | None:
-    """The best validation mean Dice a run reached (``run.json`` ``best``; runs written before ``best.pt``
-    existed fall back to their last validation), None when it never validated."""
-    best = info.get("best") or {}
-    if best.get("dice") is not None:
-        return float(best["dice"])
-    last = info.get("last_validation") or {}
-    return None if last.get("mean") is None else float(last["mean"])
-
-
 def best_run(project: Project, method: str) -> str | None:
     """The run of ``method`` whose best validation Dice is the highest (ties: the newest); runs that never
     validated come last (the newest of them when no run validated); None when there is no trained run."""
-    runs = model_runs(project, method)
-    if not runs:
-        return None
-    ranked = [(run_best_dice(run_info(project, method, r)), i, r) for i, r in enumerate(runs)]
-    scored = [(d, i, r) for d, i, r in ranked if d is not None]
-    return max(scored)[2] if scored else runs[-1]
+    return pick_best_run([(r, run_best_dice(run_info(project, method, r))) for r in model_runs(project, method)])
 
 
 def run_checkpoint(project: Project, method: str, run: str, which: str = "best") -> Path:

@@ -149,13 +149,9 @@ def test_accept_warnings_for_an_empty_label_or_a_dropped_class():
 
 def test_inference_default_is_the_best_run_by_validation_as_the_engine_picks_it(reviewed_project):
     """The docks read the best run from run.json files (napari never imports torch); the engine's
-    ``best_run`` decides what inference uses: both must agree."""
-    from backend import training
-
-    best_run = getattr(training, "best_run", None)
-    if best_run is None:
-        pytest.skip("backend.training.best_run is not there yet")
+    ``best_run`` decides what inference uses: both apply ``backend.runs.pick_best_run`` and must agree."""
     from backend.project import write_json_atomic
+    from backend.training import best_run
 
     project = reviewed_project
 
