@@ -22,6 +22,18 @@ def _torch_threads():
         pass
 
 
+@pytest.fixture(autouse=True)
+def _restore_locale():
+    """SimpleITK's DICOM (GDCM) writer, which tests use to make DICOM series, sets the process locale to "C",
+    after which Python's default text encoding is ASCII; put the locale back so no test depends on the order."""
+    import locale
+
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    if locale.setlocale(locale.LC_ALL) != saved:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
 @pytest.fixture
 def brain_project(tmp_path):
     """A fresh copy of the real brain-tissue sample project."""
