@@ -30,7 +30,6 @@ import re
 import secrets
 import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from backend.errors import InputError, LabelConflictError
+from backend.filelock import FileLock
 from backend.volume import Volume, fsync_dir, fsync_file, read_geometry, read_volume, write_volume
 
 IMAGE_SUFFIX = "_0000.nii.gz"
@@ -53,11 +53,6 @@ ACCEPT_STEPS = ("label_written", "snapshot_written", "prepared", "journal_commit
                 "renamed_history", "renamed_label", "renamed_dataset", "journal_removed")
 COMMIT_STEP = "journal_committed"
 ANY: Any = object()  # ``expected_version`` default of :meth:`Project.accept`: accept whatever is on disk
-_WINDOWS = sys.platform == "win32"
-if _WINDOWS:  # pragma: no cover - exercised on Windows only
-    import msvcrt
-else:
-    import fcntl
 
 
 def check_case_name(case: str, source: str | Path | None = None) -> str:
@@ -116,53 +111,23 @@ def read_json(path: str | Path, what: str = "JSON file") -> Any:
         raise InputError(path, f"corrupt {what} ({str(exc).splitlines()[0][:120]})") from exc
 
 
-class ProjectLock:
+class ProjectLock(FileLock):
     """The project's writer lock (``semiseg/project.lock``): an advisory lock the kernel drops when its process
     dies, so a killed accept never leaves the project locked.  Blocking, with a timeout."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.fd: int | None = None
-
     def acquire(self, timeout: float | None = LOCK_TIMEOUT_S) -> bool:
         """Take the lock; wait at most ``timeout`` s (0: do not wait).  False when it could not be taken."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            try:
-                if _WINDOWS:  # pragma: no cover
-                    msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-                else:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self.fd = fd
-                return True
-            except OSError:
-                if deadline is not None and time.monotonic() >= deadline:
-                    os.close(fd)
-                    return False
-                time.sleep(0.01)
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        try:
-            if _WINDOWS:  # pragma: no cover
-                os.lseek(self.fd, 0, os.SEEK_SET)
-                msvcrt.locking(self.fd, msvcrt.LK_UNLCK, 1)
-            else:
-                fcntl.flock(self.fd, fcntl.LOCK_UN)
-        finally:
-            os.close(self.fd)
-            self.fd = None
+        while not self.try_acquire():
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
     def __enter__(self) -> "ProjectLock":
         if not self.acquire():
             raise InputError(self.path, f"the project is locked by another writer for over {LOCK_TIMEOUT_S:g} s")
         return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 def check_label_values(values: Any, source: str | Path) -> None:

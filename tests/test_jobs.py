@@ -18,7 +18,7 @@ from backend.cli import main as cli_main
 from backend.errors import InputError
 from backend.jobs import classify_error, job_status, list_jobs, read_events
 from backend.jobs.events import TRACEBACK_LINES, EventWriter, error_event, read_lines
-from backend.jobs.lock import FileLock, is_locked
+from backend.filelock import FileLock, is_locked
 from backend.jobs.store import JobPaths, new_job, normalize_spec, write_spec
 
 
@@ -218,7 +218,7 @@ def test_unknown_job_is_an_input_error(brain_project):
 # ---- the lock dies with its process ----------------------------------------------------------------------------
 def test_lock_held_by_a_killed_process_is_released(tmp_path):
     path = tmp_path / "train.lock"
-    code = ("import sys, time; from backend.jobs.lock import FileLock; "
+    code = ("import sys, time; from backend.filelock import FileLock; "
             f"l = FileLock({str(path)!r}); assert l.try_acquire(); print('locked', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:

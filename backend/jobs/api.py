@@ -12,7 +12,7 @@ from typing import Any
 
 from backend.errors import InputError, JobBusyError
 from backend.jobs.events import EventWriter, error_event, now_iso
-from backend.jobs.lock import WINDOWS, FileLock
+from backend.filelock import WINDOWS, FileLock
 from backend.jobs.process import send_cancel, spawn
 from backend.jobs.status import CHILDREN, job_status, process_alive
 from backend.jobs.store import DEFAULTS, OPTIONAL, JobPaths, new_job, normalize_spec, write_spec

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from backend.jobs.events import TERMINAL, EventWriter, error_event, now_iso
-from backend.jobs.lock import FileLock, same_file
+from backend.filelock import FileLock, same_file
 from backend.jobs.process import cancel_signals, inherited_fds
 from backend.jobs.store import JobPaths
 

@@ -2,7 +2,7 @@
 
 ::
 
-    semiseg/jobs/train.lock           one training job per project (see backend.jobs.lock)
+    semiseg/jobs/train.lock           one training job per project (see backend.filelock)
     semiseg/jobs/train.holder.json    which job holds it (read only to name it in the refusal)
     semiseg/jobs/<id>/spec.json       what to run (written by start_job before the child starts)
     semiseg/jobs/<id>/events.jsonl    what happened (written by the child, see backend.jobs.events)

@@ -1,7 +1,9 @@
 """Advisory file locks that the kernel drops when their process dies.
 
-Two locks use this:
+Three locks use this:
 
+* ``semiseg/project.lock``: the project's writer lock (``backend.project.ProjectLock`` waits for it), held by an
+  accept or an import while it writes.
 * ``semiseg/jobs/train.lock``: one training job per project.  Held by the training child for its whole life.
 * ``semiseg/jobs/<id>/alive.lock``: held by every job's child; a job whose lock is free and that wrote no final
   event is ``dead`` (killed, out of memory killer, machine stopped) -- unlike a process-id check this is immune to
@@ -46,7 +48,7 @@ class FileLock:
         fd = self.fd
         if fd is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             if WINDOWS:  # pragma: no cover
                 os.lseek(fd, 0, os.SEEK_SET)
