@@ -15,6 +15,29 @@ FAKE_RUN = "20250101-000000"
 FAKE_VIEWS = {"diffcl": ("cs", "ds"), "genericssl": ("combined", "diffusion")}  # real view names
 
 
+class Answers:
+    """Stands in for the docks' question boxes (``napari_semiseg._state.ask``): records each question and answers
+    from a queue (else the last button, the one a closed box gives)."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, str, list[str]]] = []
+        self.queue: list[str] = []
+
+    def __call__(self, parent, title, text, buttons, default=None):
+        self.asked.append((title, text, buttons))
+        return self.queue.pop(0) if self.queue else buttons[-1]
+
+
+@pytest.fixture
+def answers(monkeypatch):
+    """The docks' questions answered by an :class:`Answers` (import it with ``autouse`` in a GUI test module)."""
+    from napari_semiseg import _state
+
+    fake = Answers()
+    monkeypatch.setattr(_state, "ask", fake)
+    return fake
+
+
 def _threshold_label(image: np.ndarray) -> np.ndarray:
     """A crude but plausible tissue map of an unlabeled T1 head: dark-to-mid = GM, bright = WM."""
     low, mid, high = np.percentile(image[image > np.percentile(image, 60)], [10, 50, 90])

@@ -16,32 +16,18 @@ import pytest
 from backend import review
 from backend.colors import label_color
 from backend.volume import read_volume
-from napari_semiseg import _state
 from napari_semiseg.review_dock import CORRECTION, DISAGREEMENT, KEEP, ReviewDock
-from test_plugin_fixtures import FAKE_RUN, FAKE_VIEWS, reviewed_project  # noqa: F401 (fixture)
+from test_plugin_fixtures import FAKE_RUN, FAKE_VIEWS, answers, reviewed_project  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.gui
 REPO = Path(__file__).resolve().parents[1]
 VIEW_NAMES = sorted(f"{m}:{v}" for m, views in FAKE_VIEWS.items() for v in views)
 
 
-class Answers:
-    """Stands in for the dock's question boxes: records each question and answers from a queue."""
-
-    def __init__(self) -> None:
-        self.asked: list[tuple[str, str, list[str]]] = []
-        self.queue: list[str] = []
-
-    def __call__(self, parent, title, text, buttons, default=None):
-        self.asked.append((title, text, buttons))
-        return self.queue.pop(0) if self.queue else buttons[-1]
-
-
 @pytest.fixture(autouse=True)
-def answers(monkeypatch):
-    fake = Answers()
-    monkeypatch.setattr(_state, "ask", fake)
-    return fake
+def _answered(answers):
+    """Every question a dock asks in this module is answered by the ``answers`` fixture."""
+    return answers
 
 
 @pytest.fixture

@@ -13,32 +13,17 @@ from backend import review
 from backend.colors import label_color
 from backend.project import write_json_atomic
 from backend.volume import read_volume
-from napari_semiseg import _state
 from napari_semiseg.review_dock import ACCEPT_ANYWAY, CORRECTION, DISAGREEMENT, KEEP, OVERWRITE, ReviewDock
 from napari_semiseg.training_dock import CANCEL_JOB, KEEP_RUNNING, STAY, TrainingDock
-from test_plugin_fixtures import reviewed_project  # noqa: F401 (fixture)
+from test_plugin_fixtures import answers, reviewed_project  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.gui
 
 
-class Answers:
-    """Stands in for the docks' question boxes: records each question, answers from a queue (else the last
-    button, the one a closed box gives)."""
-
-    def __init__(self) -> None:
-        self.asked: list[tuple[str, str, list[str]]] = []
-        self.queue: list[str] = []
-
-    def __call__(self, parent, title, text, buttons, default=None):
-        self.asked.append((title, text, buttons))
-        return self.queue.pop(0) if self.queue else buttons[-1]
-
-
 @pytest.fixture(autouse=True)
-def answers(monkeypatch):
-    fake = Answers()
-    monkeypatch.setattr(_state, "ask", fake)
-    return fake
+def _answered(answers):
+    """Every question a dock asks in this module is answered by the ``answers`` fixture."""
+    return answers
 
 
 def open_dock(make_napari_viewer, qtbot, root) -> ReviewDock:
