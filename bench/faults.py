@@ -47,8 +47,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from backend.errors import InputError, LabelConflictError  # noqa: E402
 from backend.project import ACCEPT_STEPS, ANY, COMMIT_STEP, Project  # noqa: E402
 from backend.volume import Volume, read_volume  # noqa: E402
-from fault_cases import (CASE, MALFORMED, SAMPLE, check_intact, folder_hash, lesion_project,  # noqa: E402
-                         reference_label)
+from fault_cases import (CASE, MALFORMED, SAMPLE, check_intact, fill_disk, folder_hash,  # noqa: E402
+                         lesion_project, reference_label)
 
 Row = dict[str, Any]
 
@@ -255,7 +255,7 @@ def full_disk(work: Path, tries: int) -> Row:
             before = folder_hash(project.root)
             old = project.read_label(CASE).array
             records = len(project.history(CASE))
-            filler = _fill(mount, leave)
+            filler = fill_disk(mount, leave)
             error = None
             try:
                 Project.open(project.root).accept(CASE, noisy, source="bench")
@@ -275,19 +275,6 @@ def full_disk(work: Path, tries: int) -> Row:
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
     return row
-
-
-def _fill(mount: Path, leave: int) -> Path:
-    filler = mount / "filler"
-    with open(filler, "wb") as handle:
-        try:
-            while True:
-                handle.write(b"\0" * 65536)
-                handle.flush()
-        except OSError:
-            pass
-    os.truncate(filler, max(0, filler.stat().st_size - leave))
-    return filler
 
 
 # ---- killed training jobs ----------------------------------------------------------------------------------------

@@ -442,3 +442,18 @@ MALFORMED: list[Malformed] = [
               r"invalid run name '\.\./\.\./x'"),
     Malformed("infer-run-escapes", _engine("infer", "--run", "../../x"), 2, r"invalid run name '\.\./\.\./x'"),
 ]
+
+
+def fill_disk(mount: Path, leave: int) -> Path:
+    """Fill the file system up to ``leave`` free bytes with a filler file; returns it."""
+    filler = mount / "filler"
+    with open(filler, "wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        except OSError:
+            pass
+    size = filler.stat().st_size
+    os.truncate(filler, max(0, size - leave))
+    return filler

@@ -26,7 +26,7 @@ from backend.project import ACCEPT_STEPS, COMMIT_STEP, Project
 from backend.volume import read_volume, write_volume
 
 from fault_cases import (BRAIN_IMAGE, BRAIN_LABEL, CASE, LUNG_REFERENCE, MALFORMED, REPO, check_intact,
-                         folder_hash, lesion_project, reference_label, semiseg, write_dicom_series)
+                         fill_disk, folder_hash, lesion_project, reference_label, semiseg, write_dicom_series)
 
 
 # ---- the table of malformed inputs: exit 2, one line naming the file and the problem, nothing changed --------------
@@ -302,21 +302,6 @@ def small_disk(tmp_path):
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill_disk(mount: Path, leave: int) -> Path:
-    """Fill the file system up to ``leave`` free bytes with a filler file; returns it."""
-    filler = mount / "filler"
-    with open(filler, "wb") as handle:
-        try:
-            while True:
-                handle.write(b"\0" * 65536)
-                handle.flush()
-        except OSError:
-            pass
-    size = filler.stat().st_size
-    os.truncate(filler, max(0, size - leave))
-    return filler
 
 
 def test_a_full_disk_refuses_the_accept_in_one_line_and_changes_nothing(small_disk, tmp_path):
