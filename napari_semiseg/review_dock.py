@@ -39,7 +39,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-import backend.errors as _errors
+from backend.errors import LabelConflictError
 
 from backend import review
 from backend.errors import InputError
@@ -656,8 +656,7 @@ class ReviewDock(QWidget):
         self.case, self.image, self.views = case, image, payload["views"]
         self._disagreement, self._profiles = payload["disagreement"], payload["profiles"]
         self._accepted = payload["label"]
-        self._version_known = "label_version" in payload
-        self._label_version = payload.get("label_version")
+        self._label_version, self._version_known = payload["label_version"], True
         shown = self._disagreement_choice(self._disagreement)
         self.disagreement_combo.blockSignals(True)
         self.disagreement_combo.clear()
@@ -967,8 +966,7 @@ class ReviewDock(QWidget):
         from napari.utils.notifications import show_error
 
         self._set_busy(False)
-        conflict = getattr(_errors, "LabelConflictError", None)
-        if conflict is not None and isinstance(exc, conflict) and case == self.case:
+        if isinstance(exc, LabelConflictError) and case == self.case:
             self._on_conflict(case, array, exc)
             return
         show_error(f"Not accepted: {exc}")
@@ -1083,8 +1081,7 @@ def _table_data(project: Project, runs: dict[str, str] | None
 
 def _load_case(project: Project, case: str, runs: dict[str, str] | None) -> dict[str, Any]:
     """Worker: everything the dock shows for ``case``, read and computed off the main thread."""
-    versioned = hasattr(project, "label_version")
-    version = project.label_version(case) if versioned else None  # before reading: a later write shows up
+    version = project.label_version(case)  # before reading: a later write shows up
     image = project.read_image(case)
     label = project.read_label(case)
     views = review.read_views(project, case, runs, image=image)
@@ -1100,9 +1097,8 @@ def _load_case(project: Project, case: str, runs: dict[str, str] | None) -> dict
         "profiles": {key: review.slice_profile(mask) for key, mask in by_method.items()},
         "contrast": (low, high if high > low else low + 1.0),
         "draft": review.load_draft(project, case),
+        "label_version": version,
     }
-    if versioned:
-        payload["label_version"] = version
     return payload
 
 
@@ -1110,4 +1106,4 @@ def _accept(project: Project, case: str, array: np.ndarray, check: dict[str, Any
             ) -> tuple[dict[str, Any], Any]:
     """Worker: accept, then read the label's new version (the token the next accept of this viewer expects)."""
     record = review.accept_correction(project, case, array, **check, **kwargs)
-    return record, project.label_version(case) if hasattr(project, "label_version") else None
+    return record, project.label_version(case)
