@@ -44,6 +44,18 @@ def cmd_cases(args: argparse.Namespace) -> int:
     return 0
 
 
+def format_duration(seconds: float | None) -> str:
+    """A duration for progress lines and ETAs: ``"42 s"``, ``"3 min 05 s"``, ``"1 h 02 min"`` (``"-"`` for None)."""
+    if seconds is None:
+        return "-"
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
 def format_case_table(rows: list[dict]) -> str:
     """The case table as aligned text, most doubtful (lowest agreement) unlabeled case first."""
     methods = sorted({m for row in rows for m in row["scores"]})

@@ -12,24 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import backend.cli
-from backend.cli import format_case_table
+from backend.cli import format_case_table, format_duration
 
 
 command = backend.cli.command
 
 
 # ---- event lines ---------------------------------------------------------------------------------------------
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
-
-
 def format_event(event: dict[str, Any]) -> str | None:
     """One human-readable line for a training or inference event (None for events not worth a line)."""
     kind = event.get("type")
@@ -55,10 +44,10 @@ def format_event(event: dict[str, Any]) -> str | None:
             agree = event.get("agreement_mean")
             score = "" if agree is None else f"  agreement {agree:.3f}"
             return (f"case {event['step']}/{event['total']} {event['case']}: {event['seconds']:.1f}s{score}  "
-                    f"eta {_duration(event.get('eta_s'))}")
+                    f"eta {format_duration(event.get('eta_s'))}")
         losses = "  ".join(f"{k} {v:.4f}" for k, v in event.get("losses", {}).items())
         return (f"step {event['step']}/{event['total']}  {losses}  lr {event['lr']:.2e}  "
-                f"{event['seconds_per_step']:.3f} s/step  eta {_duration(event.get('eta_s'))}")
+                f"{event['seconds_per_step']:.3f} s/step  eta {format_duration(event.get('eta_s'))}")
     if kind == "validation":
         dice = "  ".join(f"{k} {v:.3f}" for k, v in event["dice"].items())
         note = " (on training cases)" if event.get("val_on_train") else ""

@@ -15,7 +15,6 @@ best validation Dice.  Every phase prints progress lines with the elapsed time a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil
@@ -24,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from backend.cli import format_case_table
+from backend.cli import format_case_table, format_duration
 from backend.errors import InputError
 from backend.methods import method_names
 from backend.project import Project
@@ -41,16 +40,6 @@ def _has_display() -> bool:
     return sys.platform in ("darwin", "win32") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
-def fmt_seconds(seconds: float) -> str:
-    """``"42 s"``, ``"3 min 05 s"``, ``"1 h 02 min"``."""
-    seconds = max(0, int(round(seconds)))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-
-
 class Clock:
     """Elapsed time since the first run started, printed at the start of every progress line."""
 
@@ -61,7 +50,7 @@ class Clock:
         return time.perf_counter() - self.start
 
     def say(self, text: str) -> None:
-        print(f"[{fmt_seconds(self.elapsed()):>11}] {text}", flush=True)
+        print(f"[{format_duration(self.elapsed()):>11}] {text}", flush=True)
 
 
 def open_command(project: Path) -> tuple[str, str]:
@@ -90,11 +79,9 @@ def _prepare_project(path: Path, methods: list[str], clock: Clock) -> Project:
 def _prior_infer_seconds(project: Project, method: str, run: str) -> float:
     """Expected seconds to infer every unlabeled case with ``run``: what the training script measured for the
     shipped checkpoints (2 cases), else a rough constant per case."""
-    try:
-        info = json.loads((project.model_dir(method, run) / "run.json").read_text())
-        measured = (info.get("pretrained") or {}).get("inference_seconds")
-    except (OSError, ValueError):
-        measured = None
+    from backend.training import run_info
+
+    measured = (run_info(project, method, run).get("pretrained") or {}).get("inference_seconds")
     cases = max(1, len(project.unlabeled_cases()))
     if measured:
         return float(measured) / 2 * cases
@@ -113,7 +100,7 @@ def infer_all(project: Project, jobs: list[tuple[str, str | None]], clock: Clock
     phase_start = clock.elapsed()
     total_cases = len(project.unlabeled_cases())
     clock.say(f"inferring {total_cases} unlabeled case{'s' * (total_cases != 1)} with {len(jobs)} "
-              f"method{'s' * (len(jobs) != 1)} (ETA {fmt_seconds(sum(expected.values()))})")
+              f"method{'s' * (len(jobs) != 1)} (ETA {format_duration(sum(expected.values()))})")
     for i, (method, run) in enumerate(jobs, 1):
         method_expected = expected[method]
 
@@ -134,7 +121,7 @@ def infer_all(project: Project, jobs: list[tuple[str, str | None]], clock: Clock
                 agree = event.get("agreement_mean")
                 agree_text = "one view" if agree is None else f"agreement Dice {agree:.3f}"
                 clock.say(f"  {method}: case {event['step']}/{event['total']} {event['case']} in "
-                          f"{event['seconds']:.1f} s ({agree_text}); ETA {fmt_seconds(remaining)}")
+                          f"{event['seconds']:.1f} s ({agree_text}); ETA {format_duration(remaining)}")
 
         clock.say(f"{method} ({i}/{len(jobs)}): loading the model ...")
         infer(project, method, run=run, device=device, on_event=show)
@@ -164,7 +151,7 @@ def train_all(project: Project, methods: list[str], preset: str, steps: int | No
             elif kind == "progress" and (now - last[0] >= 10 or event["step"] == event["total"]):
                 last[0] = now
                 clock.say(f"  {method} step {event['step']}/{event['total']} ({event['seconds_per_step']:.2f} s/step); "
-                          f"ETA of {method} {fmt_seconds(event['eta_s'])}")
+                          f"ETA of {method} {format_duration(event['eta_s'])}")
             elif kind == "validation" and event.get("mean") is not None:
                 clock.say(f"  {method} validation Dice {event['mean']:.3f} at step {event['step']}")
 

@@ -35,6 +35,7 @@ from qtpy.QtWidgets import (
 )
 
 from backend import review
+from backend.cli import format_duration
 from backend.errors import InputError, JobBusyError
 from backend.project import Project
 from napari_semiseg import _state
@@ -472,7 +473,7 @@ class TrainingDock(QWidget):
                 self.progress.setRange(0, total)
                 self.progress.setValue(min(step, total))
             eta = event.get("eta_s")
-            eta_text = "" if eta is None else f"  ETA {_duration(float(eta))}"
+            eta_text = "" if eta is None else f"  ETA {format_duration(float(eta))}"
             self.progress.setFormat(f"{self.job_kind or 'job'} step {step}/{total or '?'}{eta_text}")
             losses = event.get("losses") or {}
             for name, value in losses.items():
@@ -613,8 +614,3 @@ class _JobCloseGuard(QObject):
         return True
 
 
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

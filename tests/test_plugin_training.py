@@ -55,7 +55,7 @@ def test_job_events_drive_progress_curves_and_dice(docks, monkeypatch):
         training._show_event({"type": "progress", "step": step, "total": 100, "eta_s": 75.0 - step,
                               "losses": {"loss_sup": 1.0 / step, "loss_cons": 0.5 / step, "lambda": 0.1}})
     assert training.progress.value() == 30
-    assert training.progress.format() == "train step 30/100  ETA 0:45"
+    assert training.progress.format() == "train step 30/100  ETA 45 s"
     assert [p[0] for p in training.loss_plot.series["loss_sup"]] == [10, 20, 30]
     assert set(training.loss_plot.series) == {"loss_sup", "loss_cons"}  # a weight is no loss
     training._show_event({"type": "validation", "step": 30, "dice": {"GM": 0.8, "WM": 0.7}, "mean": 0.75})
