@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from backend.project import Project
-from backend.sample import reference_label_path, sample_root
-from backend.volume import Volume, read_volume
+from backend.project.sample import reference_label_path, sample_root
+from backend.io.volume import Volume, read_volume
 
 SOURCES = ("mni152_t1", "itk_kmeans_t1")
 # --budget of ssl_gain and review_loop -> (preset, steps); None: the paper's settings
@@ -64,7 +64,7 @@ def build_slab_task(dest: Path, slabs: int = 3, labeled: int = 1, test: int = 2,
     test_dir = dest.parent / f"{dest.name}-test"
     shutil.rmtree(test_dir, ignore_errors=True)
     for index, (case, image, label) in enumerate(cases):
-        from backend.volume import write_volume
+        from backend.io.volume import write_volume
 
         references[case] = write_volume(label, refs_dir / f"{case}.nii.gz")
         if case in test_cases:
@@ -83,9 +83,9 @@ def evaluate_on_test(task: SlabTask, method: str, run: str, device: str = "auto"
     HD95 and ASD average the defined pairs only, and ``undefined`` counts the others out of ``pairs``, so that
     a model is not flattered by the classes it missed.
     """
-    from backend.inference import load_trained
-    from backend.intensity import normalize_intensity
-    from backend.metrics import segmentation_metrics
+    from backend.engine.inference import load_trained
+    from backend.engine.intensity import normalize_intensity
+    from backend.engine.metrics import segmentation_metrics
     import torch
 
     project = task.project
@@ -111,7 +111,7 @@ def host_kind(device: str = "auto") -> str:
     """A file-name tag for the machine kind a table was measured on: ``cpu-2core``, ``cuda-nvidia-h200``, ``mps``."""
     import torch
 
-    from backend.devices import pick_device
+    from backend.engine.devices import pick_device
 
     dev = pick_device(device)
     if dev.type == "cuda":
@@ -126,7 +126,7 @@ def machine_lines(device: str = "auto") -> list[str]:
     import monai
     import torch
 
-    from backend.devices import pick_device
+    from backend.engine.devices import pick_device
 
     dev = pick_device(device)
     cpu = platform.processor() or platform.machine()

@@ -45,9 +45,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from backend.errors import InputError, LabelConflictError  # noqa: E402
-from backend.project import ACCEPT_STEPS, ANY, COMMIT_STEP, Project  # noqa: E402
-from backend.volume import Volume, read_volume  # noqa: E402
-from fault_cases import (CASE, MALFORMED, SAMPLE, check_intact, fill_disk, folder_hash,  # noqa: E402
+from backend.project import ANY, Project  # noqa: E402
+from backend.project.journal import ACCEPT_STEPS, COMMIT_STEP
+from backend.io.volume import Volume, read_volume  # noqa: E402
+from helpers.fault_cases import (CASE, MALFORMED, SAMPLE, check_intact, fill_disk, folder_hash,  # noqa: E402
                          lesion_project, reference_label)
 
 Row = dict[str, Any]
@@ -282,7 +283,7 @@ def killed_training(work: Path, tries: int) -> Row:
     import torch
 
     from backend.jobs import job_status, resume_job, start_job, wait_job
-    from backend.sample import copy_sample
+    from backend.project.sample import copy_sample
     from test_jobs_real import TIMEOUT, train_spec, wait_for_event
 
     row = _row("training job SIGKILLed after a checkpoint, resumed")

@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (BUDGETS, build_slab_task, evaluate_on_test, machine_lines, mean_spread,  # noqa: E402
                           write_result)
-from backend.review import review_rows  # noqa: E402
+from backend.review.queue import review_rows  # noqa: E402
 
 STRATEGIES = ("lowest-agreement", "random")
 
@@ -40,7 +40,7 @@ def pick_cases(queue: list[str], k: int, strategy: str, rng: random.Random) -> l
 
 def review_queue(project, method: str, run: str) -> list[tuple[str, float | None]]:
     """``(case, agreement)`` of every unlabeled case, in the review dock's order for ``run``
-    (:func:`backend.review.review_rows`)."""
+    (:func:`backend.review.queue.review_rows`)."""
     return [(row["case"], (row["scores"].get(method) or {}).get("mean"))
             for row in review_rows(project, {method: run}) if not row["labeled"]]
 
@@ -48,8 +48,8 @@ def review_queue(project, method: str, run: str) -> list[tuple[str, float | None
 def pseudo_label_dice(task, method: str, run: str, case: str) -> float:
     """Mean foreground Dice of the method's primary pseudo label of ``case`` against its reference (MONAI)."""
     from backend.methods import get_method
-    from backend.metrics import dice_per_class
-    from backend.volume import read_volume
+    from backend.engine.metrics import dice_per_class
+    from backend.io.volume import read_volume
 
     project = task.project
     view = get_method(method).primary_view
@@ -64,9 +64,9 @@ def run_loop(task, method: str, strategy: str, *, rounds: int, k: int, seed: int
     """One review loop; returns ``(labeled cases, held-out Dice)`` per round and appends to ``pairs`` (agreement,
     true pseudo-label Dice) and ``hits`` (the lowest-agreement slab has the worst pseudo label, the chance of that
     for a random pick)."""
-    from backend.inference import infer
-    from backend.training import train
-    from backend.volume import read_volume
+    from backend.engine.inference import infer
+    from backend.engine.training import train
+    from backend.io.volume import read_volume
 
     project, rng, curve = task.project, random.Random(seed), []
     for round_ in range(rounds + 1):

@@ -7,13 +7,13 @@ code path a user runs.
 
 Each (method, preset) runs in its own child process, so peak memory is that configuration's alone.  Measured:
 
-* training: :func:`backend.training.train` itself on a fresh copy of the brain-tissue sample project (the real
+* training: :func:`backend.engine.training.train` itself on a fresh copy of the brain-tissue sample project (the real
   data pipeline, the CPU thread policy, metrics and checkpoint writing, validation at the end), ``--warmup +
   --steps`` steps; s/step is the median step time of that run (``run.json`` ``seconds_per_step``, first step
   excluded), "all-in" the wall time of the whole call divided by its steps; validation: the seconds of one
   validation (whole-volume prediction of the validation case, as the loop runs it every ``val_every`` steps);
   the preset run is projected from both (``max_steps`` x s/step + one validation per ``val_every``);
-* inference: :func:`backend.inference.case_views` (preprocessing, every view, back onto the case's grid) on a
+* inference: :func:`backend.engine.inference.case_views` (preprocessing, every view, back onto the case's grid) on a
   whole real volume of the brain-tissue sample;
 * peak resident memory of the process (``resource.getrusage``) and, on CUDA, peak allocated GPU memory.
 
@@ -55,11 +55,12 @@ def measure(method: str, preset: str, *, device: str, steps: int, warmup: int, c
     """One (method, preset): run in a fresh process (see :func:`main`)."""
     import torch
 
-    from backend.data import load_case
-    from backend.inference import case_views
+    from backend.engine.data import load_case
+    from backend.engine.inference import case_views
     from backend.methods import get_method
-    from backend.sample import copy_sample
-    from backend.training import cpu_thread_policy, train_method, validate
+    from backend.project.sample import copy_sample
+    from backend.engine.devices import cpu_thread_policy
+    from backend.engine.training import train_method, validate
 
     with tempfile.TemporaryDirectory() as tmp:
         project = copy_sample(Path(tmp) / "brain", "brain_tissue")
@@ -109,7 +110,7 @@ def measure(method: str, preset: str, *, device: str, steps: int, warmup: int, c
 # ---- the parent: one child per configuration, a table at the end ---------------------------------------------------
 def header(device: str) -> list[str]:
     return [f"# Speed ({time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC)", "", *machine_lines(device),
-            "- training through backend.training.train on a copy of the sample project (real data pipeline, CPU "
+            "- training through backend.engine.training.train on a copy of the sample project (real data pipeline, CPU "
             "thread policy, validation at the end): median s/step of the run; all-in: wall time / steps; "
             "validation: one whole-volume validation; preset run: max_steps x s/step + one validation per "
             "val_every; inference: every view of one whole volume; memory: peak of the process / of CUDA "

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="folder for the table (default bench/results)")
     parser.add_argument("--steps", type=int, help="override the budget's step count")
     args = parser.parse_args(argv)
-    from backend.training import train
+    from backend.engine.training import train
 
     preset, steps = BUDGETS[args.budget]
     steps = args.steps or steps

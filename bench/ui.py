@@ -120,9 +120,9 @@ def turn(seconds: float) -> None:
 
 def prepare_project(dest: Path, methods: list[str], preset: str, steps: int) -> tuple[Any, dict[str, float]]:
     """A copy of the brain-tissue sample with real pseudo labels of ``methods`` (trained here, headless)."""
-    from backend.inference import infer
-    from backend.sample import copy_sample
-    from backend.training import train
+    from backend.engine.inference import infer
+    from backend.project.sample import copy_sample
+    from backend.engine.training import train
 
     project = copy_sample(dest, "brain_tissue")
     seconds: dict[str, float] = {}

@@ -3,13 +3,14 @@ whose pseudo labels come from trained models, at the slice where the views disag
 
 Usage::
 
-    python -m backend.demo DIR --no-viewer                 # the sample, every method inferred with real models
+    python -m backend.cli.demo DIR --no-viewer                 # the sample, every method inferred with real models
     xvfb-run -a python docs/make_screenshot.py DIR         # headless: Xvfb gives napari's canvas a display
 
 The screenshot shows the class legend, the review table (agreement Dice per method), the first view of the case
 with the disagreement outline of that method's views, and the per-slice disagreement profile.
 """
 from __future__ import annotations
+from backend.project.runs import methods_with_pseudo_labels
 
 import argparse
 import sys
@@ -39,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     from napari_semiseg.__main__ import open_viewer
 
     project = Project.open(args.project)
-    if not project.methods_with_pseudo_labels():
-        print(f"{args.project}: no pseudo labels yet (run `python -m backend.demo {args.project} --no-viewer` or "
+    if not methods_with_pseudo_labels(project):
+        print(f"{args.project}: no pseudo labels yet (run `python -m backend.cli.demo {args.project} --no-viewer` or "
               f"`semiseg infer`)", file=sys.stderr)
         return 2
     viewer, review, training = open_viewer(project.root, show=True)

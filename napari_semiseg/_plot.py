@@ -8,7 +8,7 @@ from qtpy.QtCore import QPointF, QRectF, Qt, Signal
 from qtpy.QtGui import QColor, QPainter, QPainterPath, QPen
 from qtpy.QtWidgets import QSizePolicy, QWidget
 
-from backend.colors import label_color
+from backend.review.colors import label_color
 
 MAX_POINTS = 2000  # per series; older points are thinned to keep painting cheap
 BACKGROUND = (38, 41, 48)

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import numpy as np
 
 from backend.errors import InputError
-from backend.volume import H5_SUFFIXES, SUPPORTED_SUFFIXES, h5_has_key, read_volume, strip_suffix, suffix_of
+from backend.io.volume import H5_SUFFIXES, SUPPORTED_SUFFIXES, h5_has_key, read_volume, strip_suffix, suffix_of
 from napari_semiseg._layers import geometry_metadata, label_colormap, layer_scale
 
 MAX_LABEL_VALUES = 64

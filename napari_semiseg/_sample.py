@@ -6,7 +6,7 @@ project to a folder of the user's (the installed sample data is never written to
 from __future__ import annotations
 
 from backend.project import Project
-from backend.sample import sample_root
+from backend.project.sample import sample_root
 from napari_semiseg._layers import geometry_metadata, label_colormap, layer_scale
 
 

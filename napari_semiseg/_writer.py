@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from backend.volume import Volume, suffix_of, write_volume
+from backend.io.volume import Volume, suffix_of, write_volume
 from napari_semiseg._layers import GEOMETRY_KEY, volume_from_metadata
 
 
@@ -69,8 +69,8 @@ def _geometry_from_viewer(array: np.ndarray, image_name: str | None) -> Volume |
 
 def _seg_nrrd_fields(array: np.ndarray, attributes: dict[str, Any]) -> dict[str, str]:
     """3D Slicer segment fields (names from the project's labels when the layer carries them, colours from the
-    shared palette), the same ones :func:`backend.export.export` writes."""
-    from backend.export import slicer_metadata
+    shared palette), the same ones :func:`backend.review.export.export` writes."""
+    from backend.review.export import slicer_metadata
 
     names = (attributes.get("metadata") or {}).get("label_names")
     if names:

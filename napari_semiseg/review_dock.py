@@ -7,7 +7,7 @@ through them); where one method's views (or all views) disagree, as an outline (
 where an outline cannot be drawn); and the disagreement per slice, a click (or *Worst slice*, Shift+W) away.
 
 Before writing, the dock asks when the label is empty or drops a class that the views or the accepted label have
-(:func:`backend.review.accept_warnings`), and when the case's label changed on disk since the case was opened
+(:func:`backend.review.corrections.accept_warnings`), and when the case's label changed on disk since the case was opened
 (another viewer, the CLI: ``Project.label_version`` is recorded when a case is shown and checked by
 ``Project.accept``): overwrite it, or keep the correction as a draft.
 
@@ -41,10 +41,13 @@ from qtpy.QtWidgets import (
 
 from backend.errors import LabelConflictError
 
-from backend import review
+from backend.review.corrections import accept_correction, accept_warnings, discard_draft, flag_case, flags, load_draft, save_draft, unflag_case
+from backend.review.queue import review_rows
+from backend.review.views import ALL_METHODS, MAJORITY, disagreement_by_method, majority_vote, read_views, slice_profile, worst_slice
 from backend.errors import InputError
 from backend.project import Project
-from backend.volume import Volume
+from backend.io.volume import Volume
+from backend.project.runs import methods_with_pseudo_labels, pseudo_runs
 from napari_semiseg import _state
 from napari_semiseg._layers import (
     geometry_metadata,
@@ -310,7 +313,7 @@ class ReviewDock(QWidget):
     def open_sample(self, task: str = "brain_tissue", dest: str | Path | None = None) -> Project | None:
         """Open a copy of sample project ``task`` at ``dest`` (default ``~/semiseg-sample/<task>``), copying it
         there first unless a project is already there (the installed sample is never written to)."""
-        from backend.sample import copy_sample
+        from backend.project.sample import copy_sample
 
         dest = Path(dest) if dest is not None else SAMPLE_HOME / task
         if not (dest / "dataset.json").is_file():
@@ -362,7 +365,7 @@ class ReviewDock(QWidget):
         self.refresh()
 
     def selected_runs(self) -> dict[str, str] | None:
-        """``{method: run}`` chosen in the run box (None: each method's best run, ``review.default_runs``)."""
+        """``{method: run}`` chosen in the run box (None: each method's best run, ``default_runs``)."""
         data = self.run_combo.currentData()
         if not data:
             return None
@@ -493,11 +496,11 @@ class ReviewDock(QWidget):
     def toggle_flag(self) -> None:
         if self.project is None or self.case is None:
             return
-        if self.case in review.flags(self.project):
-            review.unflag_case(self.project, self.case)
+        if self.case in flags(self.project):
+            unflag_case(self.project, self.case)
             self._say(f"{self.case}: flag removed")
         else:
-            review.flag_case(self.project, self.case)
+            flag_case(self.project, self.case)
             self._say(f"{self.case}: flagged for a second look")
         self.refresh()
 
@@ -661,7 +664,7 @@ class ReviewDock(QWidget):
         self.disagreement_combo.blockSignals(True)
         self.disagreement_combo.clear()
         for key in self._disagreement:
-            self.disagreement_combo.addItem(f"of {key}" if key == review.ALL_METHODS else f"of {key}'s views", key)
+            self.disagreement_combo.addItem(f"of {key}" if key == ALL_METHODS else f"of {key}'s views", key)
         self.disagreement_combo.setCurrentIndex(max(0, self.disagreement_combo.findData(shown)))
         self.disagreement_combo.blockSignals(False)
         # layer order: image at the bottom, then views, disagreement, correction on top
@@ -669,7 +672,7 @@ class ReviewDock(QWidget):
         for name in self.views:
             self.view_combo.addItem(name, name)
         if len(self.views) > 1:
-            self.view_combo.addItem("majority vote of all views", review.MAJORITY)
+            self.view_combo.addItem("majority vote of all views", MAJORITY)
         if payload["label"] is not None:
             self.view_combo.addItem("accepted label", "accepted label")
         self._case_t0 = time.monotonic()
@@ -682,7 +685,7 @@ class ReviewDock(QWidget):
         self.viewer.reset_view()
         self._apply_disagreement(data=False)
         n_dis = int(self._profiles[shown].sum()) if shown is not None else 0
-        where = "" if shown is None else f" ({'all methods' if shown == review.ALL_METHODS else shown})"
+        where = "" if shown is None else f" ({'all methods' if shown == ALL_METHODS else shown})"
         self._say(f"{case}: {len(self.views)} pseudo-label view(s)"
                   + (f", views disagree on {n_dis} voxels{where}" if self.views else ", no pseudo labels yet"))
         self._update_buttons()
@@ -704,7 +707,7 @@ class ReviewDock(QWidget):
             self._seconds_before = float(info.get("seconds_spent", 0.0))
             self._say(f"{self.case}: draft restored")
         elif answer == "Discard draft":
-            review.discard_draft(self.project, self.case)
+            discard_draft(self.project, self.case)
             self.refresh()
 
     # ---- comparing views ------------------------------------------------------------------------------------------
@@ -758,13 +761,13 @@ class ReviewDock(QWidget):
     def go_to_worst_slice(self) -> int | None:
         """Go to the slice where the shown disagreement is largest; returns it (None when the views agree)."""
         key = self.disagreement_shown()
-        z = None if key is None else review.worst_slice(self._profiles[key])
+        z = None if key is None else worst_slice(self._profiles[key])
         if z is None:
             self._say(f"{self.case}: the views agree on every slice" if self.case else "No case open")
             return None
         self.go_to_slice(z)
         self._say(f"{self.case}: slice {z}, {int(self._profiles[key][z])} voxels of disagreement "
-                  f"({'all methods' if key == review.ALL_METHODS else key})")
+                  f"({'all methods' if key == ALL_METHODS else key})")
         return z
 
     def visible_view(self) -> str | None:
@@ -798,10 +801,10 @@ class ReviewDock(QWidget):
                                 ["Replace", CANCEL])
             if answer != "Replace":
                 return
-        if view == review.MAJORITY:
+        if view == MAJORITY:
             arrays = list(self.views.values())
             self._set_busy(True)
-            start_worker(self, review.majority_vote, arrays, self.project.num_classes,
+            start_worker(self, majority_vote, arrays, self.project.num_classes,
                          on_done=lambda array: (self._set_busy(False), self._make_correction(array, view)))
             return
         if view == "accepted label":
@@ -892,10 +895,10 @@ class ReviewDock(QWidget):
         volume = self.image.like(np.array(self.correction_layer.data, dtype=np.uint8))
         info = self._draft_info()
         if wait:
-            review.save_draft(project, case, volume, info)
+            save_draft(project, case, volume, info)
             self.draft_saved.emit(case)
             return
-        start_worker(self, review.save_draft, project, case, volume, info,
+        start_worker(self, save_draft, project, case, volume, info,
                      on_done=lambda _path: self.draft_saved.emit(case))
 
     def _resolve_unsaved(self, what: str) -> bool:
@@ -911,7 +914,7 @@ class ReviewDock(QWidget):
             return True
         if answer == DISCARD:
             self._autosave.stop()
-            review.discard_draft(self.project, self.case)
+            discard_draft(self.project, self.case)
             self._baseline = np.asarray(self.correction_layer.data).copy()
             return True
         return False
@@ -925,8 +928,8 @@ class ReviewDock(QWidget):
             return
         if self.correction_layer is None:
             view = self.view_combo.currentData()
-            if view is None or view == review.MAJORITY:
-                if view == review.MAJORITY:
+            if view is None or view == MAJORITY:
+                if view == MAJORITY:
                     self.start_from(view)
                     self._say("Majority vote computed; check it, then accept again.")
                 return
@@ -940,7 +943,7 @@ class ReviewDock(QWidget):
                        f"{', '.join(f'{k}={v}' for k, v in project.labels.items())}. Fix it before accepting.")
             return
         references = {**self.views, "the accepted label": self._accepted}
-        warnings = review.accept_warnings(array, references, project.labels)
+        warnings = accept_warnings(array, references, project.labels)
         if warnings:
             answer = _state.ask(self, "Accept this label?",
                                 f"The label of {case} " + "; ".join(warnings) + ". Accept it anyway?",
@@ -990,7 +993,7 @@ class ReviewDock(QWidget):
 
     def _on_accepted(self, case: str, array: np.ndarray, record: dict[str, Any], version: Any = None) -> None:
         self._set_busy(False)
-        review.discard_draft(self.project, case)  # an autosave that was in flight while accepting
+        discard_draft(self.project, case)  # an autosave that was in flight while accepting
         if case == self.case:
             self._baseline = array
             self._accepted = array
@@ -1017,7 +1020,7 @@ class ReviewDock(QWidget):
     def export_to(self, dest: str | Path) -> None:
         """Export the chosen source (accepted labels or a method's pseudo labels) in the chosen format into
         ``dest`` in each image's geometry (in a thread; ``exported`` carries the written paths)."""
-        from backend.export import export
+        from backend.review.export import export
 
         source = self.export_source.currentData() or "labels"
         runs = self.selected_runs() or {}
@@ -1073,10 +1076,10 @@ def _fmt(value: float | None) -> str:
 def _table_data(project: Project, runs: dict[str, str] | None
                 ) -> tuple[Project, list[dict[str, Any]], dict[str, list[str]]]:
     """Worker: the review rows and the runs that have pseudo labels."""
-    available = {m: project.runs(m) for m in project.methods_with_pseudo_labels()}
+    available = {m: pseudo_runs(project, m) for m in methods_with_pseudo_labels(project)}
     if runs is not None and any(available.get(m) is None or r not in available[m] for m, r in runs.items()):
         runs = None  # the chosen run is gone
-    return project, review.review_rows(project, runs), available
+    return project, review_rows(project, runs), available
 
 
 def _load_case(project: Project, case: str, runs: dict[str, str] | None) -> dict[str, Any]:
@@ -1084,8 +1087,8 @@ def _load_case(project: Project, case: str, runs: dict[str, str] | None) -> dict
     version = project.label_version(case)  # before reading: a later write shows up
     image = project.read_image(case)
     label = project.read_label(case)
-    views = review.read_views(project, case, runs, image=image)
-    by_method = review.disagreement_by_method(views)
+    views = read_views(project, case, runs, image=image)
+    by_method = disagreement_by_method(views)
     finite = image.array[::2, ::2, ::2]
     low, high = (float(v) for v in np.percentile(finite, [0.5, 99.5]))
     payload = {
@@ -1094,9 +1097,9 @@ def _load_case(project: Project, case: str, runs: dict[str, str] | None) -> dict
         "label": None if label is None or image.geometry_mismatch(label) else label.array.astype(np.uint8),
         "views": views,
         "disagreement": by_method,
-        "profiles": {key: review.slice_profile(mask) for key, mask in by_method.items()},
+        "profiles": {key: slice_profile(mask) for key, mask in by_method.items()},
         "contrast": (low, high if high > low else low + 1.0),
-        "draft": review.load_draft(project, case),
+        "draft": load_draft(project, case),
         "label_version": version,
     }
     return payload
@@ -1105,5 +1108,5 @@ def _load_case(project: Project, case: str, runs: dict[str, str] | None) -> dict
 def _accept(project: Project, case: str, array: np.ndarray, check: dict[str, Any], **kwargs: Any
             ) -> tuple[dict[str, Any], Any]:
     """Worker: accept, then read the label's new version (the token the next accept of this viewer expects)."""
-    record = review.accept_correction(project, case, array, **check, **kwargs)
+    record = accept_correction(project, case, array, **check, **kwargs)
     return record, project.label_version(case)

@@ -4,8 +4,8 @@ Training and inference run in a child process through :mod:`backend.jobs` (never
 never even imports torch: the method and device lists come from a short child process too).  A ``QTimer`` reads
 the job's event stream incrementally every 250 ms; each read costs one small file read.
 
-*Infer* uses, per method, the run with the best validation Dice (:func:`backend.review.best_runs`, the rule of
-``backend.training.best_run``) unless the user picked a run in the models table; the dock says which and why.
+*Infer* uses, per method, the run with the best validation Dice (:func:`backend.project.runs.best_runs`, the rule of
+``backend.project.runs.best_run``) unless the user picked a run in the models table; the dock says which and why.
 Validation Dice (on held-out labeled cases) and DiffRect's calibration Dice (``tau_l``, ``tau_u`` of its eq. 6,
 reported by each training step) are shown apart.  Closing napari while a job runs asks first.
 """
@@ -34,8 +34,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from backend import review
-from backend.cli import format_duration
+from backend.project.runs import best_runs, run_table
+from backend.text import format_duration
 from backend.errors import InputError, JobBusyError
 from backend.project import Project
 from napari_semiseg import _state
@@ -201,7 +201,7 @@ class TrainingDock(QWidget):
         self._choices_process.setWorkingDirectory(str(Path(__file__).resolve().parents[1]))
         self._choices_process.finished.connect(self._on_choices)
         self._say("Looking up methods and devices...")
-        self._choices_process.start(sys.executable, ["-m", "backend.review"])
+        self._choices_process.start(sys.executable, ["-m", "backend.jobs.choices"])
 
     def _on_choices(self, *_args: Any) -> None:
         process = self._choices_process
@@ -285,8 +285,8 @@ class TrainingDock(QWidget):
 
     def _refresh_models(self) -> None:
         project = self.state.project
-        self.models = [] if project is None else review.model_runs(project)
-        self.best = {} if project is None else review.best_runs(project, self.models)
+        self.models = [] if project is None else run_table(project)
+        self.best = {} if project is None else best_runs(project, self.models)
         usable = {(r["method"], r["run"]) for r in self.models if r.get("has_checkpoint")}
         self.picked = {m: r for m, r in self.picked.items() if (m, r) in usable}  # a deleted run is no pick
         labeled = 0 if project is None else len(project.labeled_cases())

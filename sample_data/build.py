@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backend.project import Project  # noqa: E402
-from backend.volume import read_volume, write_volume  # noqa: E402
+from backend.io.volume import read_volume, write_volume  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python sample_data/train_pretrained.py [--methods supervised,diffrect,...] [--threads 2]
 
-For each method this trains an ordinary run with the engine (``backend.training.train``) on a fresh copy of the
+For each method this trains an ordinary run with the engine (``backend.engine.training.train``) on a fresh copy of the
 sample project (its one labeled case, ``mni152_t1``; the two unlabeled cases feed the semi-supervised methods),
 then writes ``sample_data/pretrained/brain_tissue/<method>/``:
 
@@ -14,7 +14,7 @@ then writes ``sample_data/pretrained/brain_tissue/<method>/``:
   weight dtype, and the Dice of the shipped weights' pseudo labels against the held-aside reference labels of
   the unlabeled cases, ``sample_data/reference/``).
 
-Then it installs the shipped checkpoints into another fresh copy (``backend.sample.install_pretrained``, as the
+Then it installs the shipped checkpoints into another fresh copy (``backend.project.sample.install_pretrained``, as the
 demo does), infers every unlabeled case and writes ``sample_data/pretrained/README.md`` with the scores.
 Configurations are the ``tiny`` presets with validation once at the end (and V-Net width 4 for the two 3D
 diffusion methods, so that all four checkpoints stay a few MB and infer a volume in seconds on a CPU).
@@ -38,10 +38,10 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from backend.metrics import dice_per_class  # noqa: E402
-from backend.project import write_json_atomic  # noqa: E402
-from backend.sample import PRETRAINED_RUN, RUN_FILES, copy_sample, install_pretrained, reference_label_path  # noqa: E402
-from backend.volume import read_volume  # noqa: E402
+from backend.engine.metrics import dice_per_class  # noqa: E402
+from backend.io.atomic import write_json_atomic  # noqa: E402
+from backend.project.sample import PRETRAINED_RUN, RUN_FILES, copy_sample, install_pretrained, reference_label_path  # noqa: E402
+from backend.io.volume import read_volume  # noqa: E402
 
 TASK = "brain_tissue"
 OUT = Path(__file__).resolve().parent / "pretrained" / TASK
@@ -65,7 +65,7 @@ def slim_checkpoint(state: dict) -> dict:
 
 def train_one(method: str, work: Path, log) -> dict:
     """Train ``method`` on a fresh sample copy under ``work``; write its shipped run folder; return run.json."""
-    from backend.training import train
+    from backend.engine.training import train
 
     preset, steps, overrides = SPEC[method]
     project = copy_sample(work / f"train-{method}", TASK)
@@ -107,7 +107,7 @@ def train_one(method: str, work: Path, log) -> dict:
 
 def evaluate(methods: list[str], work: Path, log) -> dict[str, dict]:
     """Install the shipped runs into a fresh copy (as the demo does), infer, score against the references."""
-    from backend.inference import infer
+    from backend.engine.inference import infer
     from backend.methods import get_method
 
     project = copy_sample(work / "evaluate", TASK)
@@ -151,7 +151,7 @@ def write_readme(infos: dict[str, dict], results: dict[str, dict]) -> None:
         "Written by `sample_data/train_pretrained.py` (do not edit by hand; rerun it after a method's networks",
         "change). Each folder is an ordinary training run of the engine on the sample's one labeled case",
         "(`mni152_t1`, grey/white matter), slimmed for shipping (float16 weights, no optimizer state).",
-        "`backend.sample.install_pretrained` (the demo, `scripts/run.sh`) installs them into a project as run",
+        "`backend.project.sample.install_pretrained` (the demo, `scripts/run.sh`) installs them into a project as run",
         f"`{PRETRAINED_RUN}` of each method.",
         "",
         "Dice: mean over grey and white matter of the primary view against the held-aside reference label of",

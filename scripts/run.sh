@@ -15,4 +15,4 @@ bash "$ROOT/scripts/install.sh"
 echo "[install] done in $(( $(date +%s) - START )) s"
 VENV="${VENV:-.venv}"
 case "$VENV" in /*) ;; *) VENV="$ROOT/$VENV" ;; esac
-exec "$VENV/bin/python" -m backend.demo "$@"
+exec "$VENV/bin/python" -m backend.cli.demo "$@"

@@ -37,14 +37,14 @@ def _restore_locale():
 @pytest.fixture
 def brain_project(tmp_path):
     """A fresh copy of the real brain-tissue sample project."""
-    from backend.sample import copy_sample
+    from backend.project.sample import copy_sample
 
     return copy_sample(tmp_path / "brain", "brain_tissue")
 
 
 @pytest.fixture
 def lesion_project(tmp_path):
-    from backend.sample import copy_sample
+    from backend.project.sample import copy_sample
 
     return copy_sample(tmp_path / "lesions", "lesions")
 

@@ -12,11 +12,12 @@ from typing import Any
 
 from backend.errors import InputError, JobBusyError
 from backend.jobs.events import EventWriter, error_event, now_iso
-from backend.filelock import WINDOWS, FileLock
+from backend.io.filelock import WINDOWS, FileLock
 from backend.jobs.process import send_cancel, spawn
 from backend.jobs.status import CHILDREN, job_status, process_alive
 from backend.jobs.store import DEFAULTS, OPTIONAL, JobPaths, new_job, normalize_spec, write_spec
-from backend.project import Project, write_json_atomic
+from backend.io.atomic import write_json_atomic
+from backend.project import Project
 
 FINAL_STATES = ("done", "error", "cancelled", "dead")
 TRAIN_LOCK = "train.lock"

@@ -3,7 +3,7 @@
 Every event has ``"time"`` (ISO 8601, UTC) and ``"type"``:
 
 * ``start`` (the engine began: run, device, total steps), ``progress`` (``step``, ``total``, ``losses``, ``lr``,
-  ``eta_s``), ``validation``, ``checkpoint`` (from :mod:`backend.training` / :mod:`backend.inference`);
+  ``eta_s``), ``validation``, ``checkpoint`` (from :mod:`backend.engine.training` / :mod:`backend.engine.inference`);
 * the final event, exactly one of ``done``, ``cancelled`` or ``error`` (``kind``: ``"oom"`` for an out-of-memory
   error, ``"busy"`` when another training job holds the project, ``"exception"`` otherwise; ``exception`` (the type
   name), ``message``, ``traceback`` (its last :data:`TRACEBACK_LINES` lines)).

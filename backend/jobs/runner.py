@@ -1,7 +1,7 @@
 """The child process of a job: ``python -m backend.jobs run PROJECT_ROOT JOB_ID``.
 
-It reads ``spec.json``, holds the job's locks, runs :func:`backend.training.train` or
-:func:`backend.inference.infer` with an ``on_event`` that appends to ``events.jsonl`` and a ``should_stop`` that
+It reads ``spec.json``, holds the job's locks, runs :func:`backend.engine.training.train` or
+:func:`backend.engine.inference.infer` with an ``on_event`` that appends to ``events.jsonl`` and a ``should_stop`` that
 turns true on SIGTERM / SIGINT (CTRL_BREAK on Windows), and always ends with exactly one final event:
 
 * ``done`` (exit 0), ``cancelled`` (exit 0; training saved a checkpoint first),
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from backend.jobs.events import TERMINAL, EventWriter, error_event, now_iso
-from backend.filelock import FileLock, same_file
+from backend.io.filelock import FileLock, same_file
 from backend.jobs.process import cancel_signals, inherited_fds
 from backend.jobs.store import JobPaths
 
@@ -75,7 +75,7 @@ def _hold_locks(paths: JobPaths, kind: str) -> tuple[FileLock | None, FileLock |
         return alive, None, True
     if "train" not in fds:  # took it ourselves: say who holds it
         from backend.jobs.api import TRAIN_HOLDER
-        from backend.project import write_json_atomic
+        from backend.io.atomic import write_json_atomic
 
         write_json_atomic(paths.dir.parent / TRAIN_HOLDER, {"job": paths.id})
     return alive, train, False
@@ -83,19 +83,19 @@ def _hold_locks(paths: JobPaths, kind: str) -> tuple[FileLock | None, FileLock |
 
 def _engine(kind: str, nproc: int) -> Callable[..., str]:
     """The engine entry for the job: inference, training in this process, or data-parallel training over
-    ``nproc`` processes (:func:`backend.training_dist.train_distributed`: torchrun, same events; cancel reaches
+    ``nproc`` processes (:func:`backend.engine.distributed.train_distributed`: torchrun, same events; cancel reaches
     the workers through ``should_stop``, which it turns into a SIGTERM for torchrun)."""
     if kind == "infer":
-        from backend.inference import infer
+        from backend.engine.inference import infer
 
         return infer
     if nproc > 1:
         import functools
 
-        from backend.training_dist import train_distributed
+        from backend.engine.distributed import train_distributed
 
         return functools.partial(train_distributed, nproc=nproc)
-    from backend.training import train
+    from backend.engine.training import train
 
     return train
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.jobs.events import TERMINAL, parse_lines, read_lines
-from backend.filelock import WINDOWS, is_locked
+from backend.io.filelock import WINDOWS, is_locked
 from backend.jobs.process import pid_alive
 from backend.jobs.store import JobPaths, jobs_dir
 

@@ -2,7 +2,7 @@
 
 ::
 
-    semiseg/jobs/train.lock           one training job per project (see backend.filelock)
+    semiseg/jobs/train.lock           one training job per project (see backend.io.filelock)
     semiseg/jobs/train.holder.json    which job holds it (read only to name it in the refusal)
     semiseg/jobs/<id>/spec.json       what to run (written by start_job before the child starts)
     semiseg/jobs/<id>/events.jsonl    what happened (written by the child, see backend.jobs.events)
@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from backend.errors import InputError
-from backend.project import Project, write_json_atomic
+from backend.io.atomic import write_json_atomic
+from backend.project import Project
 
 KINDS = ("train", "infer")
 JOB_ID = re.compile(r"^\d{8}-\d{6}-[a-z]+-[0-9a-f]{4,}$")
@@ -62,7 +63,7 @@ class JobPaths:
         return paths
 
     def read_spec(self) -> dict[str, Any]:
-        from backend.project import read_json  # a corrupt spec.json is one InputError line naming it
+        from backend.io.atomic import read_json  # a corrupt spec.json is one InputError line naming it
 
         spec = read_json(self.spec, "spec.json")
         if not isinstance(spec, dict):

@@ -1,9 +1,9 @@
 """The method contract every segmentation method implements, and what they share.
 
-A method owns its networks, optimizers and losses.  The engine (``backend.training``) feeds it batches and
-sets the learning rate; ``backend.inference`` asks it for pseudo labels of whole volumes.
+A method owns its networks, optimizers and losses.  The engine (``backend.engine.training``) feeds it batches and
+sets the learning rate; ``backend.engine.inference`` asks it for pseudo labels of whole volumes.
 
-Batches (tensors already on the method's device, intensities already normalised by ``backend.data``):
+Batches (tensors already on the method's device, intensities already normalised by ``backend.engine.data``):
 
 * ``labeled = {"image": float32 [B, C, *patch], "label": int64 [B, 1, *patch]}``
 * ``unlabeled = {"image": float32 [B, C, *patch]}``
@@ -108,7 +108,7 @@ class Method(abc.ABC):
         self.device = torch.device(device)
         self._scaler: torch.amp.GradScaler | None = None
         # Set by the engine under torch.distributed: averages the gradients of the given parameters across
-        # ranks between backward and the optimizer step (see backend.training).
+        # ranks between backward and the optimizer step (see backend.engine.training).
         self.grad_sync: Callable[[list[torch.nn.Parameter]], None] | None = None
 
     # ---- configuration -------------------------------------------------------------------------------------

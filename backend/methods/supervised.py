@@ -3,8 +3,8 @@
 Every semi-supervised paper reports this row ("V-Net, labeled only" / "U-Net, labeled only"): it is the bar the
 semi-supervised methods must clear, and a quick, dependable pseudo-labeller for a new project.
 
-* ``supervised``: the 3D V-Net of ``backend.nets.vnet`` (UA-MT / SSL4MIS's LA baseline), sliding-window inference.
-* ``supervised2d``: the 2D U-Net of ``backend.nets.unet2d`` (SSL4MIS's ACDC baseline), slice-wise inference.
+* ``supervised``: the 3D V-Net of ``backend.methods.layers.vnet`` (UA-MT / SSL4MIS's LA baseline), sliding-window inference.
+* ``supervised2d``: the 2D U-Net of ``backend.methods.layers.unet2d`` (SSL4MIS's ACDC baseline), slice-wise inference.
 
 Loss: MONAI ``DiceCELoss`` (softmax, one-hot targets): ``L = 0.5 (L_CE + L_Dice)``, the supervised loss of the
 UA-MT / SSL4MIS baselines (``lambda_ce = lambda_dice = 0.5``).  The ``tiny`` and ``quick`` presets weight both
@@ -87,7 +87,7 @@ class Supervised(Method):
                                          weight_decay=config.weight_decay, nesterov=config.nesterov)
 
     def build_network(self) -> torch.nn.Module:
-        from backend.nets.vnet import VNet
+        from backend.methods.layers.vnet import VNet
 
         c = self.config
         return VNet(c.in_channels, c.num_classes, features=c.features, norm=c.norm, dropout=c.dropout)
@@ -138,11 +138,10 @@ class Supervised2D(Supervised):
     }
 
     def build_network(self) -> torch.nn.Module:
-        from backend.nets.unet2d import unet2d
+        from backend.methods.layers.unet2d import unet2d
 
         c = self.config
         return unet2d(c.in_channels, c.num_classes, features=tuple(c.features), dropout=c.dropout)
 
 
-METHOD = Supervised
-METHOD2D = Supervised2D
+METHODS = [Supervised, Supervised2D]

@@ -1,0 +1,6 @@
+"""``python -m backend.cli``."""
+import sys
+
+from backend.cli import main
+
+sys.exit(main())

@@ -1,0 +1,171 @@
+"""``semiseg train | infer | export``: the engine's commands (registered into :mod:`backend.cli`).
+
+Importing this module is cheap (no torch): the engine is imported inside the commands, so ``semiseg cases`` and
+``semiseg export`` stay fast.  ``--background`` hands the work to a job (``backend.jobs.start_job``) and prints
+the job id; otherwise the command runs here and prints one line per progress event.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from backend.cli.project import format_case_table
+from backend.text import format_duration
+
+
+
+# ---- event lines ---------------------------------------------------------------------------------------------
+def format_event(event: dict[str, Any]) -> str | None:
+    """One human-readable line for a training or inference event (None for events not worth a line)."""
+    kind = event.get("type")
+    if kind == "start":
+        if "cases" in event:
+            model = event.get("model") or {}
+            how = ""
+            if model:
+                dice = "" if model.get("dice") is None else f", validation Dice {model['dice']:.3f}"
+                how = (f" ({model['checkpoint']} checkpoint, step {model['step']}{dice}; "
+                       f"{'run named' if model['chosen_by'] == 'named' else 'best run by validation'})")
+            return (f"infer {event['method']} run {event['run']}{how}: {event['total']} cases on "
+                    f"{event['device']}")
+        resumed = f", resumed at step {event['step']}" if event.get("resumed") else ""
+        procs = f" x{event['world_size']}" if event.get("world_size", 1) > 1 else ""
+        if event.get("cpu_threads"):
+            procs += f" ({event['cpu_threads']} thread{'s' if event['cpu_threads'] > 1 else ''})"
+        return (f"train {event['method']} ({event.get('preset') or 'paper defaults'}) run {event['run']} on "
+                f"{event['device']}{procs}: {len(event['labeled_cases'])} labeled, "
+                f"{len(event['unlabeled_cases'])} unlabeled cases, {event['total']} steps{resumed}")
+    if kind == "progress":
+        if "case" in event:
+            agree = event.get("agreement_mean")
+            score = "" if agree is None else f"  agreement {agree:.3f}"
+            return (f"case {event['step']}/{event['total']} {event['case']}: {event['seconds']:.1f}s{score}  "
+                    f"eta {format_duration(event.get('eta_s'))}")
+        losses = "  ".join(f"{k} {v:.4f}" for k, v in event.get("losses", {}).items())
+        return (f"step {event['step']}/{event['total']}  {losses}  lr {event['lr']:.2e}  "
+                f"{event['seconds_per_step']:.3f} s/step  eta {format_duration(event.get('eta_s'))}")
+    if kind == "validation":
+        dice = "  ".join(f"{k} {v:.3f}" for k, v in event["dice"].items())
+        note = " (on training cases)" if event.get("val_on_train") else ""
+        return f"validation at step {event['step']}: Dice {dice}  mean {event['mean']:.3f}{note}"
+    if kind == "checkpoint":
+        return f"checkpoint at step {event['step']}: {event['path']}"
+    if kind == "cancelled":
+        return f"cancelled at step {event['step']} (checkpoint kept; continue with --run {event.get('run')} --resume)"
+    if kind == "done":
+        return f"done: run {event['run']}, {event['step']} steps" if "path" not in event else \
+            f"done: run {event['run']}, {event['step']} cases, scores in {event['path']}"
+    return None
+
+
+def _print_event(event: dict[str, Any]) -> None:
+    line = format_event(event)
+    if line:
+        print(line, flush=True)
+
+
+def _start_background(project: Path, spec: dict[str, Any]) -> int:
+    """The hook into the jobs subsystem: spawn the job, print its id."""
+    from backend.jobs import start_job
+
+    job_id = start_job(project, spec)
+    print(job_id)
+    return 0
+
+
+# ---- commands ------------------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from backend.project import Project
+
+    project = Project.open(args.project)
+    preset = None if args.preset in ("none", "paper") else args.preset
+    if args.resume and not args.run:
+        from backend.project.runs import latest_run
+
+        args.run = latest_run(project, args.method)
+    if args.background:
+        return _start_background(project.root, {
+            "kind": "train", "method": args.method, "preset": preset, "steps": args.steps, "device": args.device,
+            "run": args.run, "resume": args.resume, "nproc": args.nproc})
+    if args.nproc > 1:
+        from backend.engine.distributed import train_distributed
+
+        train_distributed(project, args.method, nproc=args.nproc, preset=preset, steps=args.steps,
+                          device=args.device, run=args.run, resume=args.resume, on_event=_print_event)
+        return 0
+    from backend.engine.training import train
+
+    train(project, args.method, preset=preset, steps=args.steps, device=args.device, run=args.run,
+          resume=args.resume, on_event=_print_event)
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from backend.project import Project
+
+    project = Project.open(args.project)
+    if args.background:
+        return _start_background(project.root, {
+            "kind": "infer", "method": args.method, "preset": None, "steps": None, "device": args.device,
+            "run": args.run, "resume": False, "nproc": 1})
+    from backend.engine.inference import infer
+
+    infer(project, args.method, run=args.run, device=args.device, cases=args.cases or None, on_event=_print_event,
+          checkpoint=args.checkpoint)
+    print()
+    print(format_case_table(project.case_table()))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from backend.review.export import export
+
+    paths = export(args.project, args.dest, fmt=args.format, source=args.source, run=args.run)
+    for path in paths:
+        print(path)
+    print(f"{len(paths)} files written to {args.dest}", file=sys.stderr)
+    return 0
+
+
+_METHODS_HELP = "method name: supervised, supervised2d, diffrect, diffcl, genericssl"
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a method on the project's labeled (and unlabeled) cases")
+    p.set_defaults(func=cmd_train)
+    p.add_argument("project", type=Path)
+    p.add_argument("--method", required=True, help=_METHODS_HELP)
+    p.add_argument("--preset", default="quick",
+                   help="preset of the method (tiny, quick, or a paper setting; 'paper' for the paper defaults)")
+    p.add_argument("--steps", type=int,
+                   help="training steps (default: the preset's). It rescales every schedule tied to the run "
+                        "length (lr decay, consistency ramp-ups, the step a loss or branch switches on, e.g. "
+                        "DiffRect's rectification start) by steps / the preset's steps, so a shortened run is a "
+                        "shortened paper run; with --resume it extends the run instead (schedules kept)")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    p.add_argument("--nproc", type=int, default=1, help="data-parallel processes (torch.distributed)")
+    p.add_argument("--run", help="run name (new run), or the run to continue with --resume")
+    p.add_argument("--resume", action="store_true", help="continue a run from its checkpoint (default: the latest)")
+    p.add_argument("--background", action="store_true", help="run as a background job and print its id")
+
+    p = sub.add_parser("infer", help="write pseudo labels and agreement scores for the unlabeled cases")
+    p.add_argument("project", type=Path)
+    p.set_defaults(func=cmd_infer)
+    p.add_argument("--method", required=True, help=_METHODS_HELP)
+    p.add_argument("--run", help="trained run to use (default: the run with the best validation Dice)")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best",
+                   help="the run's checkpoint: 'best' (highest validation Dice, the default) or 'last' step")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--cases", nargs="+", help="only these cases (default: every unlabeled case)")
+    p.add_argument("--background", action="store_true", help="run as a background job and print its id")
+
+    p = sub.add_parser("export", help="export labels or a method's pseudo labels (.nii.gz, .nrrd, Slicer .seg.nrrd)")
+    p.set_defaults(func=cmd_export)
+    p.add_argument("project", type=Path)
+    p.add_argument("dest", type=Path)
+    p.add_argument("--format", choices=["nii.gz", "nrrd", "seg.nrrd"], default="nii.gz")
+    p.add_argument("--source", default="labels", help="'labels' (the verified labels) or a method name")
+    p.add_argument("--run", help="the method's inference run (default: the latest)")
+
