@@ -9,12 +9,23 @@ from backend.project.runs import best_runs, methods_with_pseudo_labels, pseudo_r
 from backend.review.corrections import flags, list_drafts
 
 
-def sort_review_queue(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Unlabeled cases first, then the lowest agreement of any method first (the most doubtful case leads);
-    cases without a score come after the scored ones; ties by case name."""
+# Review scores the queue can sort by: key in ``row["scores"][method]`` -> what it is, for the dock's chooser.
+# Every score is oriented "higher = more trustworthy"; the first entry is the default sort.
+SORT_SCORES: dict[str, str] = {
+    "mean": "agreement Dice between the views of one method",
+}
+DEFAULT_SORT_SCORE = next(iter(SORT_SCORES))
+
+
+def sort_review_queue(rows: list[dict[str, Any]], score: str = DEFAULT_SORT_SCORE) -> list[dict[str, Any]]:
+    """Unlabeled cases first, then the lowest ``score`` (a key of :data:`SORT_SCORES`) of any method first (the most
+    doubtful case leads); cases without that score come after the scored ones; ties by case name."""
+    if score not in SORT_SCORES:
+        raise KeyError(f"unknown review score '{score}' (scores: {', '.join(SORT_SCORES)})")
+
     def key(row: dict[str, Any]):
-        means = [s["mean"] for s in row["scores"].values() if s.get("mean") is not None]
-        return (bool(row["labeled"]), min(means) if means else 2.0, row["case"])
+        values = [s[score] for s in row["scores"].values() if s.get(score) is not None]
+        return (bool(row["labeled"]), min(values) if values else 2.0, row["case"])
     return sorted(rows, key=key)
 
 
@@ -31,9 +42,11 @@ def default_runs(project: Project) -> dict[str, str]:
     return out
 
 
-def review_rows(project: Project, runs: dict[str, str] | None = None) -> list[dict[str, Any]]:
+def review_rows(project: Project, runs: dict[str, str] | None = None,
+                score: str = DEFAULT_SORT_SCORE) -> list[dict[str, Any]]:
     """The case table of :meth:`Project.case_table` restricted to ``runs`` (``{method: run}``; default
-    :func:`default_runs`, each method's best run), plus ``flagged`` and ``draft`` columns, in review order."""
+    :func:`default_runs`, each method's best run), plus ``flagged`` and ``draft`` columns, in review order
+    by ``score`` (:func:`sort_review_queue`)."""
     runs = default_runs(project) if runs is None else runs
     scores = {m: project.scores(m, r) for m, r in runs.items()}
     flagged = flags(project)
@@ -50,4 +63,4 @@ def review_rows(project: Project, runs: dict[str, str] | None = None) -> list[di
         row["flagged"] = case in flagged
         row["draft"] = case in drafts
         rows.append(row)
-    return sort_review_queue(rows)
+    return sort_review_queue(rows, score)
