@@ -7,6 +7,7 @@ the job id; otherwise the command runs here and prints one line per progress eve
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -129,10 +130,27 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-_METHODS_HELP = "method name: supervised, supervised2d, diffrect, diffcl, genericssl"
+def cmd_methods(args: argparse.Namespace) -> int:
+    from backend.jobs.choices import training_choices
+
+    choices = training_choices()
+    if args.json:
+        print(json.dumps(choices, indent=2))
+        return 0
+    for name, presets in choices["methods"].items():
+        print(f"{name}: presets {', '.join(presets)}")
+    print(f"devices: {', '.join(choices['devices'])}")
+    return 0
+
+
+_METHODS_HELP = "method name (semiseg methods lists them)"
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("methods", help="list the methods (built in, and found in $SEMISEG_METHODS_PATH) and presets")
+    p.set_defaults(func=cmd_methods)
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("train", help="train a method on the project's labeled (and unlabeled) cases")
     p.set_defaults(func=cmd_train)
     p.add_argument("project", type=Path)

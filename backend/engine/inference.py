@@ -138,6 +138,7 @@ def _infer(project: Project, method: str, model: Method, run: str, info: dict[st
         "method": method,
         "run": run,
         "views": list(model.views),
+        "primary_view": model.primary_view,
         "labels": {str(k): v for k, v in labels.items() if k != 0},
         "labeled_count": int(info.get("labeled_count", len(project.labeled_cases()))),
         "model": info["loaded"],
