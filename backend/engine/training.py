@@ -29,6 +29,7 @@ Data-parallel training (``torch.distributed`` initialised by :mod:`backend.engin
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -129,99 +130,84 @@ def train_method(project: Project | str | Path, method: str, *, preset: str | No
                              resume=resume, overrides=overrides, on_event=on_event, should_stop=should_stop)
 
 
-def _train_method(project: Project | str | Path, method: str, *, preset: str | None, steps: int | None,
-                  dev: torch.device, threads: int, run: str | None, resume: bool, overrides: dict | None,
-                  on_event: Callable[[dict], None] | None, should_stop: Callable[[], bool] | None
-                  ) -> tuple[str, Method]:
-    project = project if isinstance(project, Project) else Project.open(project)
-    cls = get_method(method)
-    rank, world = dist_info()
-    emit: Event = on_event if (on_event is not None and rank == 0) else (lambda event: None)
-    overrides = dict(overrides or {})
-    if steps is not None and int(steps) < 1:
-        raise InputError(None, f"steps must be at least 1 (got {steps})")
+@dataclasses.dataclass
+class _Setup:
+    """What a run starts from: its config, preset, case split, name and files (and, resuming, its checkpoint)."""
 
-    # ---- configuration, case split and run folder ----
+    config: BaseConfig
+    preset: str | None
+    split: dict[str, Any]
+    run: str
+    files: RunFiles
     ckpt: dict[str, Any] | None = None
-    if resume:
-        run = run or latest_run(project, method)
-        files = RunFiles(project.model_dir(method, run))
-        if not files.checkpoint.is_file():
-            raise InputError(files.folder, f"run '{run}' of '{method}' has no checkpoint to resume from")
-        info = json.loads(files.run_json.read_text())
-        saved = json.loads((files.folder / "config.json").read_text())
-        saved.update({k: v for k, v in overrides.items() if v is not None})
-        config = cls.config_class.from_dict(saved)
-        if steps is not None:
-            config.max_steps = int(steps)
-        preset = info.get("preset")
-        split = {k: info[k] for k in ("labeled_cases", "val_cases", "val_on_train", "unlabeled_cases")}
-        missing = [c for c in split["labeled_cases"] + split["val_cases"] if not project.is_labeled(c)]
-        if missing:
-            raise InputError(project.root, f"cases {missing} of run '{run}' are no longer labeled")
-        ckpt = load_checkpoint(files.checkpoint)
-    else:
-        config = cls.make_config(preset, **overrides)
-        config.num_classes = project.num_classes
-        config.in_channels = 1
-        if steps is not None:  # a shortened (or longer) paper run: every run-length schedule scales with it
-            config = config.with_steps(int(steps))
-        if config.max_steps < 1:
-            raise InputError(None, f"steps must be at least 1 (got {config.max_steps})")
-        split = _split_cases(project, config)
-        if rank == 0:
-            if run is None:
-                run = new_run_name(project, method)
-            else:
-                folder = project.model_dir(method, run)
-                if (folder / CHECKPOINT).exists() or (folder / "run.json").exists():
-                    raise InputError(folder, f"run '{run}' exists; resume it (--resume) or pick another name")
-                folder.mkdir(parents=True, exist_ok=True)
-        if world > 1:
-            import torch.distributed as dist
 
-            box = [run]
-            dist.broadcast_object_list(box, src=0)
-            run = box[0]
-        files = RunFiles(project.model_dir(method, run))
 
-    # ---- method, data ----
-    seed_everything(config.seed)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    model = cls(config, dev)
-    if world > 1 and rank > 0:
-        torch.manual_seed(config.seed + rank)  # different dropout / noise per rank
-    cache: dict[str, CaseArrays] = {}
-    sampler = make_sampler(project, config, split["labeled_cases"], split["unlabeled_cases"],
-                           seed=config.seed + 1_000_003 * rank, device=dev, cache=cache)
-    val_data = [cache[c] if c in cache else load_case(project, c, config=config)
-                for c in split["val_cases"]] if rank == 0 else []
-    start = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["method"])
-        start = int(ckpt["step"])
-        sampler.index = int(ckpt.get("sampler", {}).get("index", start))
-        if rank == 0:
-            set_rng_state(ckpt["rng"], dev)
-        else:
-            torch.manual_seed(config.seed + rank + start)
-        del ckpt
-    if world > 1:
-        distributed_setup(model, world)
+def _resume_setup(project: Project, cls: type[Method], method: str, run: str | None, steps: int | None,
+                  overrides: dict) -> _Setup:
+    """The saved config (``overrides`` on top, ``steps`` extends it) and case split of the run to continue."""
+    run = run or latest_run(project, method)
+    files = RunFiles(project.model_dir(method, run))
+    if not files.checkpoint.is_file():
+        raise InputError(files.folder, f"run '{run}' of '{method}' has no checkpoint to resume from")
+    info = json.loads(files.run_json.read_text())
+    saved = json.loads((files.folder / "config.json").read_text())
+    saved.update({k: v for k, v in overrides.items() if v is not None})
+    config = cls.config_class.from_dict(saved)
+    if steps is not None:
+        config.max_steps = int(steps)
+    split = {k: info[k] for k in ("labeled_cases", "val_cases", "val_on_train", "unlabeled_cases")}
+    missing = [c for c in split["labeled_cases"] + split["val_cases"] if not project.is_labeled(c)]
+    if missing:
+        raise InputError(project.root, f"cases {missing} of run '{run}' are no longer labeled")
+    return _Setup(config, info.get("preset"), split, run, files, load_checkpoint(files.checkpoint))
 
-    info = {
-        "method": method, "preset": preset, "run": run,
-        "labeled_cases": split["labeled_cases"], "labeled_count": len(split["labeled_cases"]),
-        "val_cases": split["val_cases"], "val_on_train": split["val_on_train"],
-        "unlabeled_cases": split["unlabeled_cases"], "unlabeled_count": len(split["unlabeled_cases"]),
-        "unlabeled_from_labeled": sampler.unlabeled_from_labeled,
-        "views": list(cls.views), "primary_view": cls.primary_view,
-        "device": str(dev), "world_size": world, "cpu_threads": threads if dev.type == "cpu" else None,
-        "status": "running", "steps_done": start,
-        "max_steps": config.max_steps, "started": _now(), "updated": _now(),
-    }
+
+def _new_setup(project: Project, cls: type[Method], method: str, preset: str | None, run: str | None,
+               steps: int | None, overrides: dict, rank: int, world: int) -> _Setup:
+    """A new run: the preset's config (``steps`` rescales every run-length schedule), the case split, and the run
+    folder claimed by rank 0 (its name broadcast to the other ranks)."""
+    config = cls.make_config(preset, **overrides)
+    config.num_classes = project.num_classes
+    config.in_channels = 1
+    if steps is not None:  # a shortened (or longer) paper run: every run-length schedule scales with it
+        config = config.with_steps(int(steps))
+    if config.max_steps < 1:
+        raise InputError(None, f"steps must be at least 1 (got {config.max_steps})")
+    split = _split_cases(project, config)
     if rank == 0:
+        if run is None:
+            run = new_run_name(project, method)
+        else:
+            folder = project.model_dir(method, run)
+            if (folder / CHECKPOINT).exists() or (folder / "run.json").exists():
+                raise InputError(folder, f"run '{run}' exists; resume it (--resume) or pick another name")
+            folder.mkdir(parents=True, exist_ok=True)
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [run]
+        dist.broadcast_object_list(box, src=0)
+        run = box[0]
+    return _Setup(config, preset, split, run, RunFiles(project.model_dir(method, run)))
+
+
+class _Recorder:
+    """Rank 0's bookkeeping of a run: ``run.json``, ``metrics.jsonl``, checkpoints, the best weights, events.
+    On other ranks every method is a no-op (only rank 0 writes)."""
+
+    def __init__(self, project: Project, method: str, model: Method, setup: _Setup, sampler: Any,
+                 val_data: list[CaseArrays], rank: int, emit: Event) -> None:
+        self.project, self.method, self.model, self.sampler = project, method, model, sampler
+        self.files, self.split, self.val_data, self.rank, self.emit = setup.files, setup.split, val_data, rank, emit
+        self.info: dict[str, Any] = {}
+
+    def begin(self, info: dict[str, Any], config: BaseConfig, start: int, resume: bool) -> None:
+        """Write the run's ``config.json`` and ``run.json``; resuming, keep what predates the checkpoint (its
+        start time, last validation, best weights) and drop what came after it."""
+        self.info = info
+        if self.rank != 0:
+            return
+        files = self.files
         files.folder.mkdir(parents=True, exist_ok=True)
         if resume:
             previous = json.loads(files.run_json.read_text())
@@ -239,40 +225,105 @@ def _train_method(project: Project | str | Path, method: str, *, preset: str | N
             files.best.unlink(missing_ok=True)
         write_json_atomic(files.folder / "config.json", json.loads(config.to_json()))
         write_json_atomic(files.run_json, info)
-    emit({"type": "start", "run": run, "method": method, "preset": preset, "device": str(dev), "step": start,
-          "total": config.max_steps, "resumed": bool(resume), "world_size": world,
-          "cpu_threads": threads if dev.type == "cpu" else None,
-          "labeled_cases": split["labeled_cases"], "val_cases": split["val_cases"],
-          "unlabeled_cases": split["unlabeled_cases"]})
 
-    def update_info(**changes: Any) -> None:
-        if rank == 0:
-            info.update(changes, updated=_now())
-            write_json_atomic(files.run_json, info)
+    def update(self, **changes: Any) -> None:
+        if self.rank == 0:
+            self.info.update(changes, updated=_now())
+            write_json_atomic(self.files.run_json, self.info)
 
-    def checkpoint(step: int) -> None:
-        if rank == 0:
-            path = save_checkpoint(files, model, method, step, sampler.state_dict())
-            update_info(steps_done=step)
-            emit({"type": "checkpoint", "step": step, "path": str(path)})
+    def log_train(self, record: dict[str, Any]) -> None:
+        if self.rank == 0:
+            self.files.append_metrics(record)
 
-    def run_validation(step: int) -> None:
-        if rank != 0:
+    def checkpoint(self, step: int) -> None:
+        if self.rank == 0:
+            path = save_checkpoint(self.files, self.model, self.method, step, self.sampler.state_dict())
+            self.update(steps_done=step)
+            self.emit({"type": "checkpoint", "step": step, "path": str(path)})
+
+    def validate(self, step: int) -> None:
+        """Validate; when the mean Dice is the first or strictly the best so far, keep these weights as ``best.pt``."""
+        if self.rank != 0:
             return
-        result = validate(model, val_data, project.labels)
-        record = {"type": "validation", "step": step, **result, "val_on_train": split["val_on_train"]}
-        files.append_metrics(record)
-        best = info.get("best")
-        improved = result["mean"] is not None and (not best or result["mean"] > best["dice"])
-        if improved:  # first validation, or strictly better: the best weights so far
-            save_checkpoint(files, model, method, step, sampler.state_dict(), path=files.best)
+        result = validate(self.model, self.val_data, self.project.labels)
+        record = {"type": "validation", "step": step, **result, "val_on_train": self.split["val_on_train"]}
+        self.files.append_metrics(record)
+        best = self.info.get("best")
+        if result["mean"] is not None and (not best or result["mean"] > best["dice"]):
+            save_checkpoint(self.files, self.model, self.method, step, self.sampler.state_dict(),
+                            path=self.files.best)
             record = {**record, "best": True}
-            update_info(last_validation=record, best={"step": step, "dice": result["mean"]})
+            self.update(last_validation=record, best={"step": step, "dice": result["mean"]})
         else:
-            update_info(last_validation=record)
-        emit(record)
+            self.update(last_validation=record)
+        self.emit(record)
 
-    # ---- the loop ----
+
+def _train_method(project: Project | str | Path, method: str, *, preset: str | None, steps: int | None,
+                  dev: torch.device, threads: int, run: str | None, resume: bool, overrides: dict | None,
+                  on_event: Callable[[dict], None] | None, should_stop: Callable[[], bool] | None
+                  ) -> tuple[str, Method]:
+    project = project if isinstance(project, Project) else Project.open(project)
+    cls = get_method(method)
+    rank, world = dist_info()
+    emit: Event = on_event if (on_event is not None and rank == 0) else (lambda event: None)
+    overrides = dict(overrides or {})
+    if steps is not None and int(steps) < 1:
+        raise InputError(None, f"steps must be at least 1 (got {steps})")
+    setup = (_resume_setup(project, cls, method, run, steps, overrides) if resume
+             else _new_setup(project, cls, method, preset, run, steps, overrides, rank, world))
+    config, split, run = setup.config, setup.split, setup.run
+
+    # ---- method, data ----
+    seed_everything(config.seed)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model = cls(config, dev)
+    if world > 1 and rank > 0:
+        torch.manual_seed(config.seed + rank)  # different dropout / noise per rank
+    cache: dict[str, CaseArrays] = {}
+    sampler = make_sampler(project, config, split["labeled_cases"], split["unlabeled_cases"],
+                           seed=config.seed + 1_000_003 * rank, device=dev, cache=cache)
+    val_data = [cache[c] if c in cache else load_case(project, c, config=config)
+                for c in split["val_cases"]] if rank == 0 else []
+    start = 0
+    if setup.ckpt is not None:
+        model.load_state_dict(setup.ckpt["method"])
+        start = int(setup.ckpt["step"])
+        sampler.index = int(setup.ckpt.get("sampler", {}).get("index", start))
+        if rank == 0:
+            set_rng_state(setup.ckpt["rng"], dev)
+        else:
+            torch.manual_seed(config.seed + rank + start)
+        setup.ckpt = None
+    if world > 1:
+        distributed_setup(model, world)
+
+    cpu_threads = threads if dev.type == "cpu" else None
+    recorder = _Recorder(project, method, model, setup, sampler, val_data, rank, emit)
+    recorder.begin({
+        "method": method, "preset": setup.preset, "run": run,
+        "labeled_cases": split["labeled_cases"], "labeled_count": len(split["labeled_cases"]),
+        "val_cases": split["val_cases"], "val_on_train": split["val_on_train"],
+        "unlabeled_cases": split["unlabeled_cases"], "unlabeled_count": len(split["unlabeled_cases"]),
+        "unlabeled_from_labeled": sampler.unlabeled_from_labeled,
+        "views": list(cls.views), "primary_view": cls.primary_view,
+        "device": str(dev), "world_size": world, "cpu_threads": cpu_threads,
+        "status": "running", "steps_done": start,
+        "max_steps": config.max_steps, "started": _now(), "updated": _now(),
+    }, config, start, resume)
+    emit({"type": "start", "run": run, "method": method, "preset": setup.preset, "device": str(dev),
+          "step": start, "total": config.max_steps, "resumed": bool(resume), "world_size": world,
+          "cpu_threads": cpu_threads, "labeled_cases": split["labeled_cases"], "val_cases": split["val_cases"],
+          "unlabeled_cases": split["unlabeled_cases"]})
+    return run, _loop(model, sampler, recorder, config, start, run, should_stop, world, dev)
+
+
+def _loop(model: Method, sampler: Any, recorder: _Recorder, config: BaseConfig, start: int, run: str,
+          should_stop: Callable[[], bool] | None, world: int, dev: torch.device) -> Method:
+    """Steps ``start`` .. ``config.max_steps``: learning rate, batch, ``train_step``, logging, progress events,
+    validation and checkpoints on their schedules; a stop request checkpoints and marks the run cancelled."""
+    emit = recorder.emit
     log_every = max(1, math.ceil(config.max_steps / MAX_LOG_LINES))
     pending: dict[str, list[float]] = {}
     step_times: list[float] = []
@@ -286,10 +337,10 @@ def _train_method(project: Project | str | Path, method: str, *, preset: str | N
             if world > 1:
                 stop = any_rank(stop, dev)
             if stop:
-                checkpoint(step)
-                update_info(status="cancelled", steps_done=step)
+                recorder.checkpoint(step)
+                recorder.update(status="cancelled", steps_done=step)
                 emit({"type": "cancelled", "step": step, "run": run})
-                return run, model
+                return model
             tic = time.perf_counter()
             lr = model.lr_at(step)
             for optimizer in model.optimizers():
@@ -307,9 +358,9 @@ def _train_method(project: Project | str | Path, method: str, *, preset: str | N
             for key, value in losses.items():
                 pending.setdefault(key, []).append(float(value))
             last = step == config.max_steps
-            if rank == 0 and (step % log_every == 0 or last):
-                means = {k: round(float(np.mean(v)), 6) for k, v in pending.items()}
-                files.append_metrics({"type": "train", "step": step, "lr": lr, **means})
+            if step % log_every == 0 or last:
+                recorder.log_train({"type": "train", "step": step, "lr": lr,
+                                    **{k: round(float(np.mean(v)), 6) for k, v in pending.items()}})
                 pending.clear()
             now = time.perf_counter()
             if last or step == start + 1 or now - last_emit >= PROGRESS_INTERVAL_S:
@@ -320,17 +371,17 @@ def _train_method(project: Project | str | Path, method: str, *, preset: str | N
                       "seconds_per_step": round(per_step, 4),
                       "eta_s": round(per_step * (config.max_steps - step), 1)})
             if step % config.val_every == 0 or last:
-                run_validation(step)
+                recorder.validate(step)
             if step % config.checkpoint_every == 0 and not last:
-                checkpoint(step)
-        checkpoint(step)
+                recorder.checkpoint(step)
+        recorder.checkpoint(step)
         timed = step_times[1:] or step_times
-        update_info(status="done", steps_done=step,
-                    seconds_per_step=round(float(np.median(timed)), 4) if timed else None)
+        recorder.update(status="done", steps_done=step,
+                        seconds_per_step=round(float(np.median(timed)), 4) if timed else None)
         emit({"type": "done", "run": run, "step": step})
-        return run, model
+        return model
     except BaseException as exc:
-        update_info(status="failed", steps_done=step, error=f"{type(exc).__name__}: {exc}"[:500])
+        recorder.update(status="failed", steps_done=step, error=f"{type(exc).__name__}: {exc}"[:500])
         raise
 
 

@@ -95,7 +95,8 @@ def test_infer_writes_every_view_in_the_image_geometry_and_scores(trained):
         assert project.read_image(case).geometry_mismatch(label) is None
         assert label.array.dtype == np.uint8 and set(np.unique(label.array)) <= {0, 1, 2}
     scores = json.loads((out / "scores.json").read_text())
-    assert set(scores) == {"method", "run", "views", "labels", "labeled_count", "model", "cases"}
+    assert set(scores) == {"method", "run", "views", "primary_view", "labels", "labeled_count", "model", "cases"}
+    assert scores["primary_view"] == "prediction"
     assert scores["model"]["run"] == run and scores["model"]["chosen_by"] == "best validation"
     assert scores["model"]["checkpoint"] == "best" and scores["model"]["step"] == 2
     assert scores["method"] == "supervised" and scores["run"] == run and scores["views"] == ["prediction"]
