@@ -56,6 +56,7 @@ FAST_TESTS: dict[str, list[str]] = {
 # (kept together; each names the rule of the paper / official code it breaks)
 
 _DR = "backend/methods/diffrect/method.py"
+_DR_CONFIG = "backend/methods/diffrect/config.py"
 DIFFRECT: list[Mutant] = [
     Mutant(_DR, "rect.encode(torch.cat([ys_u, yw_l]), images", "rect.encode(torch.cat([yw_u, yw_l]), images",
            "S2W condition = its own target (eq. 5/8: the strong pseudo label conditions S2W)"),
@@ -89,9 +90,9 @@ DIFFRECT: list[Mutant] = [
            "rectified pseudo label without the confidence rule"),
     Mutant(_DR, "rectify = step >= c.rect_start", "rectify = step > c.rect_start",
            "rectification starts a step after rect_start"),
-    Mutant(_DR, '= ("consistency_rampup", "rect_start")', '= ("consistency_rampup",)',
+    Mutant(_DR_CONFIG, '= ("consistency_rampup", "rect_start")', '= ("consistency_rampup",)',
            "--steps does not rescale the rectification start"),
-    Mutant(_DR, 'predict_view: str = "weak"', 'predict_view: str = "rectified"',
+    Mutant(_DR_CONFIG, 'predict_view: str = "weak"', 'predict_view: str = "rectified"',
            "predict() / validation use the rectification model (paper: the segmentation net)"),
     Mutant(_DR, 'batch = [x, self._strong_view(x)] if', "batch = [x, x] if",
            "review: the strong view of the unperturbed slice"),
@@ -121,6 +122,7 @@ DIFFRECT: list[Mutant] = [
 # (kept together; each names the rule of the paper / official code it breaks)
 
 _DCL = "backend/methods/diffcl/method.py"
+_DCL_CONFIG = "backend/methods/diffcl/config.py"
 DIFFCL: list[Mutant] = [
     Mutant(_DCL, "        x_l, y_l, x_u = self._augment(x_l, y_l, x_u)", "        x_l, y_l, x_u = x_l, y_l, x_u",
            "training batches are not flipped/rotated (Sec. 5.1)"),
@@ -166,9 +168,9 @@ DIFFCL: list[Mutant] = [
            "the ds review view is not conditioned on the image"),
     Mutant(_DCL, "y_T = torch.randn(shape, generator=generator,", "y_T = torch.zeros(shape,",
            "the ds review view does not start from noise"),
-    Mutant(_DCL, "_LA = _strides((80, 112, 112), (4, 18, 18))", "_LA = _strides((80, 112, 112), (18, 18, 18))",
+    Mutant(_DCL_CONFIG, "_LA = _strides((80, 112, 112), (4, 18, 18))", "_LA = _strides((80, 112, 112), (18, 18, 18))",
            "LA sliding-window z stride 18 instead of 4 (Sec. 5.1)"),
-    Mutant(_DCL, '"intensity_window": (-120.0, 240.0)', '"intensity_window": None',
+    Mutant(_DCL_CONFIG, '"intensity_window": (-120.0, 240.0)', '"intensity_window": None',
            "Pancreas without its CT window [-120, 240] HU (Sec. 5.1)"),
     Mutant("backend/methods/diffcl/nets.py", "for level, block in self.hfm.items():",
            "for level, block in list(self.hfm.items())[-1:]:",
@@ -244,23 +246,23 @@ GENERICSSL: list[Mutant] = [
            "return gaussian_warmup(step, c.rampup_steps, c.mu)",
            "return gaussian_warmup(step, c.max_steps, c.mu)",
            "ramp-up over the whole run, ignoring rampup_steps (M&Ms ramps over 100 of 300 epochs)"),
-    Mutant("backend/methods/genericssl/method.py",
+    Mutant("backend/methods/genericssl/config.py",
            "_MMS = _OfficialRun(iterations=440 // 4, rampup_epochs=100)",
            "_MMS = _OfficialRun(iterations=440 // 4)",
            "M&Ms preset without the published -cr 100 ramp-up"),
-    Mutant("backend/methods/genericssl/method.py",
+    Mutant("backend/methods/genericssl/config.py",
            "return (self.epochs + 1) * self.iterations",
            "return self.epochs * self.iterations",
            "paper presets one epoch shorter than the published runs (range(max_epoch + 1))"),
-    Mutant("backend/methods/genericssl/method.py",
+    Mutant("backend/methods/genericssl/config.py",
            'run_length_fields: ClassVar[tuple[str, ...]] = ("rampup_steps",)',
            "run_length_fields: ClassVar[tuple[str, ...]] = ()",
            "--steps does not shorten the ramp-up with the run"),
-    Mutant("backend/methods/genericssl/method.py",
+    Mutant("backend/methods/genericssl/config.py",
            "lambda_ce: float = 1.0",
            "lambda_ce: float = 0.5",
            "loss scale: CE halved against the published CE + Dice"),
-    Mutant("backend/methods/genericssl/method.py",
+    Mutant("backend/methods/genericssl/config.py",
            "drs_absent_dice: float = 0.5",
            "drs_absent_dice: float = 1.0",
            "DRS: a class absent from prediction and label scores 1 instead of the published 1/2"),
@@ -296,7 +298,7 @@ GENERICSSL: list[Mutant] = [
            'return {"diffusion": domain,',
            'return {"diffusion": klass,',
            "review view 'diffusion' shows D(psi) instead of the DDIM map"),
-    Mutant("backend/methods/genericssl/method.py",
+    Mutant("backend/methods/genericssl/config.py",
            'review_mode: str = "train"',
            'review_mode: str = "eval"',
            "review views not made the way the training targets are (eval-mode networks)"),
