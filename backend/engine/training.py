@@ -50,7 +50,7 @@ from backend.errors import InputError
 from backend.methods import get_method
 from backend.methods.base import BaseConfig, Method
 from backend.engine.metrics import dice_per_class
-from backend.io.atomic import write_json_atomic
+from backend.io.atomic import read_json, write_json_atomic
 from backend.project import Project
 from backend.project.runs import CHECKPOINT, latest_run, new_run_name
 
@@ -149,8 +149,8 @@ def _resume_setup(project: Project, cls: type[Method], method: str, run: str | N
     files = RunFiles(project.model_dir(method, run))
     if not files.checkpoint.is_file():
         raise InputError(files.folder, f"run '{run}' of '{method}' has no checkpoint to resume from")
-    info = json.loads(files.run_json.read_text())
-    saved = json.loads((files.folder / "config.json").read_text())
+    info = read_json(files.run_json, "run.json")
+    saved = read_json(files.folder / "config.json", "config.json")
     saved.update({k: v for k, v in overrides.items() if v is not None})
     config = cls.config_class.from_dict(saved)
     if steps is not None:

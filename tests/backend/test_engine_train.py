@@ -197,3 +197,13 @@ def test_cpu_thread_policy_leaves_a_core_free_and_is_restored(small, monkeypatch
     assert seen == [1, 1] and torch.get_num_threads() == before
     assert events[0]["cpu_threads"] == 1
     assert json.loads((small.model_dir("supervised", run) / "run.json").read_text())["cpu_threads"] == 1
+
+
+@pytest.mark.parametrize("name", ["run.json", "config.json"])
+def test_resume_with_a_corrupt_run_file_is_one_clear_error(small, name):
+    run = train(small, "supervised", preset="tiny", steps=1, device="cpu", overrides=FAST)
+    path = small.model_dir("supervised", run) / name
+    path.write_text('{"method": "supervised", ')  # cut off mid-write by hand
+    with pytest.raises(InputError, match=f"corrupt {name}") as info:
+        train(small, "supervised", run=run, resume=True, steps=2, device="cpu")
+    assert str(path) in str(info.value)
