@@ -84,7 +84,7 @@ def write_fake_pseudo_labels(project: Project, run: str = FAKE_RUN,
     (or a threshold map where the sample has none).  Returns the scores per method."""
     all_scores = {}
     for mi, (method, views) in enumerate(methods.items()):
-        scores: dict = {"run": run, "method": method, "cases": {}}
+        scores: dict = {"run": run, "method": method, "views": list(views), "primary_view": views[0], "cases": {}}
         for ci, case in enumerate(project.unlabeled_cases()):
             image = project.read_image(case)
             ref_path = reference_label_path(project.name, case)
