@@ -10,7 +10,10 @@ true Dice of the method's primary pseudo label against the slab's reference.  Re
 over all those pairs, and how often the lowest-agreement slab was a slab with the worst pseudo label (chance: the
 share of unlabeled slabs that tie for worst, averaged over rounds).
 
-Usage: python bench/review_loop.py [--method diffrect] [--rounds 2] [--k 1] [--budget smoke|small] [--seeds 0,1,2]
+Usage: python bench/review_loop.py --loop [--method diffrect] [--rounds 2] [--k 1] [--budget smoke|small] [--seeds 0,1,2]
+
+Without ``--loop`` (the default) it measures every review score instead, on the held-out cases with the shipped
+pretrained models: bench/review_scores.py (Spearman and hit rate per score and per method).
 """
 from __future__ import annotations
 
@@ -89,6 +92,12 @@ def run_loop(task, method: str, strategy: str, *, rounds: int, k: int, seed: int
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--loop" not in argv:
+        from bench.review_scores import main as measure_scores
+
+        return measure_scores(argv)
+    argv.remove("--loop")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="diffrect")
     parser.add_argument("--rounds", type=int, default=2,

@@ -3,7 +3,7 @@
     .venv/bin/python sample_data/train_pretrained.py [--methods supervised,diffrect,...] [--threads 2]
 
 For each method this trains an ordinary run with the engine (``backend.engine.training.train``) on a fresh copy of the
-sample project (its one labeled case, ``mni152_t1``; the two unlabeled cases feed the semi-supervised methods),
+sample project (its labeled cases; the unlabeled cases feed the semi-supervised methods),
 then writes ``sample_data/pretrained/brain_tissue/<method>/``:
 
 * ``checkpoint.pt``: the run's checkpoint (its best validation, which is the last step here: validation runs
@@ -11,14 +11,15 @@ then writes ``sample_data/pretrained/brain_tissue/<method>/``:
   float32 networks), no optimizer state (a run fine-tuned from it starts SGD momentum afresh);
   ``torch.load(..., weights_only=True)`` loads it;
 * ``config.json`` and ``run.json``: the run's own, with ``pretrained`` added (script, date, torch version,
-  weight dtype, and the Dice of the shipped weights' pseudo labels against the held-aside reference labels of
-  the unlabeled cases, ``sample_data/reference/``).
+  weight dtype, and the Dice of the shipped weights' pseudo labels on the held-out cases, ``sample_data/heldout/``).
 
 Then it installs the shipped checkpoints into another fresh copy (``backend.project.sample.install_pretrained``, as the
-demo does), infers every unlabeled case and writes ``sample_data/pretrained/README.md`` with the scores.
+demo does) with the held-out cases added unlabeled, infers those and writes ``sample_data/pretrained/README.md``:
+every semi-supervised method next to its labeled-only baseline (:data:`BASELINE`, same steps). ``NOTES.md`` next
+to it (hand-written: the analysis of a method that does not gain) is appended to the README.
 Configurations are the ``tiny`` presets with validation once at the end (and V-Net width 4 for the two 3D
-diffusion methods, so that all four checkpoints stay a few MB and infer a volume in seconds on a CPU).
-Rerun after a method's networks change: ``tests/test_first_run.py`` fails when a shipped checkpoint no longer
+diffusion methods, so that the checkpoints stay a few MB and infer a volume in seconds on a CPU).
+Rerun after a method's networks change: ``tests/backend/test_first_run.py`` fails when a shipped checkpoint no longer
 loads into the current method code.
 """
 from __future__ import annotations
@@ -40,18 +41,22 @@ import torch  # noqa: E402
 
 from backend.engine.metrics import dice_per_class  # noqa: E402
 from backend.io.atomic import write_json_atomic  # noqa: E402
-from backend.project.sample import PRETRAINED_RUN, RUN_FILES, copy_sample, install_pretrained, reference_label_path  # noqa: E402
+from backend.project.sample import (PRETRAINED_RUN, RUN_FILES, add_heldout, copy_sample, heldout_cases,  # noqa: E402
+                                    install_pretrained, reference_label_path)
 from backend.io.volume import read_volume  # noqa: E402
 
 TASK = "brain_tissue"
 OUT = Path(__file__).resolve().parent / "pretrained" / TASK
-# method -> (preset, training steps, config overrides); validation once, at the last step
+# method -> (preset, training steps, config overrides); validation once, at the last step. Each semi-supervised
+# method gets the same step budget as its labeled-only baseline (BASELINE), so the table compares like with like.
 SPEC: dict[str, tuple[str, int, dict]] = {
-    "supervised": ("tiny", 600, {}),
-    "diffrect": ("tiny", 600, {}),
-    "diffcl": ("tiny", 400, {"features": 4}),
-    "genericssl": ("tiny", 300, {"features": 4}),
+    "supervised": ("tiny", 800, {}),
+    "supervised2d": ("tiny", 1500, {}),
+    "diffrect": ("tiny", 1500, {}),
+    "diffcl": ("tiny", 800, {"features": 4}),
+    "genericssl": ("tiny", 800, {"features": 4}),
 }
+BASELINE = {"diffrect": "supervised2d", "diffcl": "supervised", "genericssl": "supervised"}
 
 
 def slim_checkpoint(state: dict) -> dict:
@@ -106,30 +111,33 @@ def train_one(method: str, work: Path, log) -> dict:
 
 
 def evaluate(methods: list[str], work: Path, log) -> dict[str, dict]:
-    """Install the shipped runs into a fresh copy (as the demo does), infer, score against the references."""
+    """Install the shipped runs into a fresh copy (as the demo does) with the held-out cases added unlabeled,
+    infer those, score the primary view against their labels (``heldout/``) and the unlabeled project cases
+    against their references (``reference/``)."""
     from backend.engine.inference import infer
     from backend.methods import get_method
 
     project = copy_sample(work / "evaluate", TASK)
+    heldout = add_heldout(project, TASK)
+    labels = {c: lab for c, (_, lab) in heldout_cases(TASK).items()}
+    labels.update({c: reference_label_path(TASK, c) for c in project.unlabeled_cases() if c not in labels
+                   and reference_label_path(TASK, c) is not None})
     install_pretrained(project, TASK, methods, source=OUT)
     results: dict[str, dict] = {}
     for method in methods:
         tic = time.perf_counter()
-        infer(project, method, run=PRETRAINED_RUN, device="cpu")
+        infer(project, method, run=PRETRAINED_RUN, device="cpu", cases=heldout)
         seconds = time.perf_counter() - tic
         scores = project.scores(method, PRETRAINED_RUN)["cases"]
         primary = get_method(method).primary_view
-        ref_dice = {}
-        for case in project.unlabeled_cases():
-            ref_path = reference_label_path(TASK, case)
-            if ref_path is None:
-                continue
+        dice = {}
+        for case in heldout:
             pred = read_volume(project.pseudo_dir(method, PRETRAINED_RUN) / case / f"{primary}.nii.gz").array
-            ref = read_volume(ref_path).array
-            ref_dice[case] = round(float(np.mean(dice_per_class(pred, ref, project.num_classes))), 4)
-        results[method] = {"reference_dice": ref_dice, "primary_view": primary, "inference_seconds": round(seconds, 1),
+            dice[case] = round(float(np.mean(dice_per_class(pred, read_volume(labels[case]).array,
+                                                            project.num_classes))), 4)
+        results[method] = {"heldout_dice": dice, "primary_view": primary, "inference_seconds": round(seconds, 1),
                            "agreement": {c: _round(s.get("agreement_mean")) for c, s in scores.items()}}
-        log(f"{method}: inferred {len(scores)} cases in {seconds:.0f} s; Dice of '{primary}' vs reference {ref_dice}")
+        log(f"{method}: inferred {len(heldout)} held-out cases in {seconds:.0f} s; Dice of '{primary}' {dice}")
     return results
 
 
@@ -145,44 +153,58 @@ def _validation_dice(info: dict) -> float | None:
 
 
 def write_readme(infos: dict[str, dict], results: dict[str, dict]) -> None:
+    cases = sorted(heldout_cases(TASK))
     lines = [
         "# Pretrained checkpoints of the brain-tissue sample",
         "",
         "Written by `sample_data/train_pretrained.py` (do not edit by hand; rerun it after a method's networks",
-        "change). Each folder is an ordinary training run of the engine on the sample's one labeled case",
-        "(`mni152_t1`, grey/white matter), slimmed for shipping (float16 weights, no optimizer state).",
-        "`backend.project.sample.install_pretrained` (the demo, `scripts/run.sh`) installs them into a project as run",
-        f"`{PRETRAINED_RUN}` of each method.",
+        "change). Each folder is an ordinary training run of the engine on the sample's labeled cases",
+        f"({', '.join(f'`{c}`' for c in infos[next(iter(infos))]['labeled_cases'])}; grey/white matter; the "
+        "unlabeled project cases feed the semi-supervised methods), slimmed for shipping (float16 weights, no",
+        "optimizer state). `backend.project.sample.install_pretrained` (the demo, `scripts/run.sh`) installs them",
+        f"into a project as run `{PRETRAINED_RUN}` of each method.",
         "",
-        "Dice: mean over grey and white matter of the primary view against the held-aside reference label of",
-        "`itk_kmeans_t1` (`sample_data/reference/`; a k-means segmentation, noisy: read it as a sanity check, not",
-        "a benchmark; `colin27_ch2` has none). Agreement: the mean agreement Dice between the method's views (what",
-        "the review queue sorts by; `-` for a method with one view). Infer s: both unlabeled cases, CPU.",
+        f"Held-out Dice: mean over grey and white matter of the method's primary view on the held-out cases "
+        f"({', '.join(f'`{c}`' for c in cases)}; `sample_data/heldout/`, never trained on, not even as unlabeled",
+        "images; labels: k-means tissue classes in the brain mask, see `sample_data/build.py`). Each semi-supervised",
+        "method is compared with its labeled-only baseline (same labeled cases, same steps, same dimensionality).",
+        "Agreement: the mean agreement Dice between the method's views on the held-out cases (`-`: one view).",
         "",
-        "| method | preset (overrides) | steps | train s | MB | validation Dice mni152_t1 (trained on) | "
-        "Dice itk_kmeans_t1 | agreement itk_kmeans_t1 | agreement colin27_ch2 | infer s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | preset (overrides) | steps | train s | MB | validation Dice (labeled, trained on) | "
+        + " | ".join(f"Dice {c}" for c in cases) + " | held-out mean | vs labeled-only baseline | agreement mean |",
+        "|---|---|---|---|---|---|" + "---|" * len(cases) + "---|---|---|",
     ]
 
     def num(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}"
 
+    def mean(method: str) -> float | None:
+        dice = results.get(method, {}).get("heldout_dice", {})
+        return float(np.mean([dice[c] for c in cases])) if dice and all(c in dice for c in cases) else None
+
     for method, info in infos.items():
         preset, steps, overrides = SPEC[method]
         res = results.get(method, {})
-        ref = res.get("reference_dice", {})
-        agree = res.get("agreement", {})
+        dice = res.get("heldout_dice", {})
+        agree = [v for c, v in res.get("agreement", {}).items() if c in cases and v is not None]
         size = (OUT / method / "checkpoint.pt").stat().st_size / 1e6
         extra = f" ({', '.join(f'{k}={v}' for k, v in overrides.items())})" if overrides else ""
+        base = BASELINE.get(method)
+        gain = "-"
+        if base and mean(method) is not None and mean(base) is not None:
+            gain = f"{mean(method) - mean(base):+.3f} vs {base}"
         lines.append(f"| {method} | {preset}{extra} | {info['steps_done']} | {info['training_seconds']:.0f} | "
                      f"{size:.1f} | {num(_validation_dice(info))} | "
-                     f"{num(ref.get('itk_kmeans_t1'))} | {num(agree.get('itk_kmeans_t1'))} | "
-                     f"{num(agree.get('colin27_ch2'))} | {res.get('inference_seconds', 0):.0f} |")
+                     + " | ".join(num(dice.get(c)) for c in cases)
+                     + f" | {num(mean(method))} | {gain} | {num(float(np.mean(agree)) if agree else None)} |")
     info0 = next(iter(infos.values()))
     lines += ["", f"Trained {info0['pretrained']['trained']} with torch {info0['pretrained']['torch']} on "
                   f"{info0['pretrained']['threads']} CPU thread(s) of a 2-core machine shared with other jobs (train "
-                  "and infer seconds are wall time there). Training is deterministic on the CPU: a rerun on unchanged "
+                  "seconds are wall time there). Training is deterministic on the CPU: a rerun on unchanged "
                   "method code writes byte-identical checkpoints."]
+    notes = OUT.parent / "NOTES.md"
+    if notes.is_file():
+        lines += ["", notes.read_text().strip()]
     (OUT.parent / "README.md").write_text("\n".join(lines) + "\n")
 
 
@@ -220,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     for method, res in results.items():
         run_json = OUT / method / "run.json"
         info = json.loads(run_json.read_text())
-        info["pretrained"].update(reference_dice=res["reference_dice"], agreement=res["agreement"],
+        info["pretrained"].update(heldout_dice=res["heldout_dice"], agreement=res["agreement"],
                                   inference_seconds=res["inference_seconds"])
         write_json_atomic(run_json, info)
         infos[method] = info
@@ -231,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             all_infos[method] = infos.get(method) or json.loads((OUT / method / "run.json").read_text())
             if method not in results:
                 p = all_infos[method]["pretrained"]
-                results[method] = {"reference_dice": p.get("reference_dice", {}), "agreement": p.get("agreement", {}),
+                results[method] = {"heldout_dice": p.get("heldout_dice", {}), "agreement": p.get("agreement", {}),
                                    "inference_seconds": p.get("inference_seconds", 0)}
     write_readme(all_infos, results)
     total = sum((OUT / m / "checkpoint.pt").stat().st_size for m in all_infos) / 1e6

@@ -79,16 +79,18 @@ def resample_to_spacing(volume: Volume, spacing: Sequence[float] | None, *, labe
     return Volume.from_sitk(out)
 
 
-def to_case_grid(label: np.ndarray, grid: Volume, case_image: Volume) -> np.ndarray:
+def to_case_grid(label: np.ndarray, grid: Volume, case_image: Volume, *, nearest_float: bool = False) -> np.ndarray:
     """A ``[Z, Y, X]`` label computed on ``grid`` (the resampled volume) resampled, nearest neighbour, onto the
-    exact grid of ``case_image``; returned as is when the two grids are the same."""
+    exact grid of ``case_image``; returned as is when the two grids are the same.  ``nearest_float``: a float32
+    map (an entropy map), resampled nearest neighbour too."""
     if grid is case_image or (grid.geometry_mismatch(case_image, tol=1e-6) is None):
         return label
     import SimpleITK as sitk
 
-    source = grid.like(np.ascontiguousarray(label, dtype=np.uint8)).to_sitk()
+    dtype, pixel = (np.float32, sitk.sitkFloat32) if nearest_float else (np.uint8, sitk.sitkUInt8)
+    source = grid.like(np.ascontiguousarray(label, dtype=dtype)).to_sitk()
     reference = case_image.to_sitk()
-    out = sitk.Resample(source, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    out = sitk.Resample(source, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, pixel)
     return sitk.GetArrayFromImage(out)
 
 

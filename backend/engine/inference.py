@@ -11,6 +11,7 @@ Output, per run (the run name is the model run's):
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -24,7 +25,8 @@ from backend.errors import InputError
 from backend.engine.data import model_input, to_case_grid
 from backend.methods import get_method
 from backend.methods.base import Method
-from backend.engine.metrics import agreement, volumes_ml
+from backend.engine.metrics import volumes_ml
+from backend.engine.scores import TTA_AXIS, case_scores, normalised_entropy
 from backend.io.atomic import write_json_atomic
 from backend.project import Project
 from backend.engine.checkpoints import load_checkpoint
@@ -70,6 +72,25 @@ def case_views(model: Method, project: Project, case: str) -> tuple[dict[str, np
     """``({view: uint8 [Z, Y, X]}, the case's image Volume)``: every review view of ``case``, computed on the
     model's preprocessing grid (``config.target_spacing``, ``config.intensity_window``) and resampled back,
     nearest neighbour, onto the case's own grid."""
+    review = review_case(model, project, case, uncertainty=False)
+    return review.views, review.image
+
+
+@dataclasses.dataclass
+class CaseReview:
+    """What inference makes of one case, on the case's own grid: the views, the normalised entropy of the primary
+    view's class probabilities (float32) and the primary view of the mirrored image mirrored back (the TTA label);
+    the last two None when the method gives no probabilities (or ``uncertainty`` was off)."""
+
+    views: dict[str, np.ndarray]
+    image: Any
+    entropy: np.ndarray | None = None
+    tta_label: np.ndarray | None = None
+
+
+def review_case(model: Method, project: Project, case: str, *, uncertainty: bool = True) -> CaseReview:
+    """Every review view of ``case`` (see :func:`case_views`) and, with ``uncertainty``, the entropy map and the
+    flip-TTA label of :mod:`backend.engine.scores` (two more passes of the primary view's network)."""
     volume, grid, image = model_input(project, case, model.config)
     with torch.no_grad():
         views = model.pseudo_labels(volume)
@@ -78,7 +99,39 @@ def case_views(model: Method, project: Project, case: str) -> tuple[dict[str, np
         if tuple(array.shape) != grid.shape:
             raise RuntimeError(f"{model.name}: view '{view}' has shape {array.shape}, the volume {grid.shape}")
         out[view] = np.ascontiguousarray(to_case_grid(array, grid, image), dtype=np.uint8)
-    return out, image
+    review = CaseReview(out, image)
+    if uncertainty:
+        with torch.no_grad():
+            prob = model.primary_probabilities(volume)
+            if prob is not None:
+                entropy = normalised_entropy(prob).cpu().numpy().astype(np.float32)
+                review.entropy = to_case_grid(entropy, grid, image, nearest_float=True)
+                mirrored = model.primary_probabilities(volume.flip(TTA_AXIS)).flip(TTA_AXIS)
+                tta = mirrored.argmax(0).to(torch.uint8).cpu().numpy()
+                review.tta_label = np.ascontiguousarray(to_case_grid(tta, grid, image), dtype=np.uint8)
+    return review
+
+
+def cross_method_pairs(project: Project, method: str, case: str, primary: np.ndarray, image: Any) -> dict[str, float]:
+    """``{"<other method>:<run>": Dice}`` of ``primary`` (this method's primary view of ``case``) against the
+    primary view of every other method's every run with pseudo labels of ``case`` (the review queue averages the
+    pairs of the runs it shows: :mod:`backend.engine.scores`, ``cross``)."""
+    from backend.engine.scores import mean_dice
+    from backend.io.volume import read_volume
+    from backend.project.runs import methods_with_pseudo_labels, pseudo_runs
+
+    out: dict[str, float] = {}
+    for other in methods_with_pseudo_labels(project):
+        if other == method:
+            continue
+        for run in pseudo_runs(project, other):
+            view = project.scores(other, run).get("primary_view") or get_method(other).primary_view
+            path = project.pseudo_dir(other, run) / case / f"{view}.nii.gz"
+            if path.is_file():
+                label = read_volume(path)
+                if image.geometry_mismatch(label) is None:
+                    out[f"{other}:{run}"] = round(mean_dice(primary, label.array, project.num_classes), 6)
+    return out
 
 
 def infer(project: Project | str | Path, method: str, *, run: str | None = None, device: str = "auto",
@@ -119,10 +172,13 @@ def _infer(project: Project, method: str, model: Method, run: str, info: dict[st
             emit({"type": "cancelled", "step": i, "run": run})
             return run
         tic = time.perf_counter()
-        views, image = case_views(model, project, case)
+        review = review_case(model, project, case)
+        views, image = review.views, review.image
         for view, array in views.items():
             write_volume(image.like(np.ascontiguousarray(array, dtype=np.uint8)), out_dir / case / f"{view}.nii.gz")
-        scores = agreement(views, num_classes, labels)
+        scores = case_scores(views, model.primary_view, num_classes, entropy=review.entropy,
+                             tta_label=review.tta_label, labels=labels)
+        scores["cross_agreement"] = cross_method_pairs(project, method, case, views[model.primary_view], image)
         scores["volume_ml"] = {v: volumes_ml(a, num_classes, image.spacing, labels) for v, a in views.items()}
         results[case] = scores
         seconds = time.perf_counter() - tic

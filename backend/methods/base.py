@@ -142,6 +142,11 @@ class Method(abc.ABC):
     def predict(self, volume: torch.Tensor) -> np.ndarray:
         """The method's final segmentation of one normalised volume (uint8 ``[Z, Y, X]``)."""
 
+    def primary_probabilities(self, volume: torch.Tensor) -> torch.Tensor | None:
+        """Class probabilities ``[K, Z, Y, X]`` whose arg-max is the primary view of ``volume`` (the review's
+        entropy and test-time-augmentation scores, :mod:`backend.engine.scores`); None when the method has none."""
+        return None
+
     @abc.abstractmethod
     def modules(self) -> dict[str, torch.nn.Module]:
         """Every network by name (state dicts, train/eval mode, DDP wrapping)."""

@@ -120,6 +120,12 @@ class Supervised(Method):
     def pseudo_labels(self, volume: torch.Tensor) -> dict[str, np.ndarray]:
         return {"prediction": self.predict(volume)}
 
+    @torch.no_grad()
+    def primary_probabilities(self, volume: torch.Tensor) -> torch.Tensor:
+        """The network's softmax over the whole volume (its arg-max is ``prediction``)."""
+        self.net.eval()
+        return self.infer_volume(volume, lambda batch: {"p": torch.softmax(self.net(batch).float(), dim=1)})["p"]
+
 
 class Supervised2D(Supervised):
     """2D U-Net trained on labeled axial slices only; inference slice by slice."""

@@ -36,6 +36,25 @@ def reference_label_path(task: str, case: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def heldout_cases(task: str = "brain_tissue") -> dict[str, tuple[Path, Path]]:
+    """The sample's held-out cases, ``case -> (image, label)`` paths (``heldout/<task>/{imagesTs,labelsTs}``):
+    never part of the project, never trained on (not even as unlabeled images); benchmarks score on them."""
+    root = sample_root() / "heldout" / task
+    images = sorted((root / "imagesTs").glob("*_0000.nii.gz")) if root.is_dir() else []
+    return {p.name[: -len("_0000.nii.gz")]: (p, root / "labelsTs" / p.name.replace("_0000", "")) for p in images}
+
+
+def add_heldout(project: Project, task: str = "brain_tissue") -> list[str]:
+    """Add the held-out cases of sample ``task`` to ``project`` as unlabeled cases (benchmarks infer them there);
+    return their names. Their labels stay outside (read them with :func:`heldout_cases`)."""
+    from backend.io.volume import read_volume
+
+    cases = heldout_cases(task)
+    for case, (image, _) in cases.items():
+        project.add_case(case, read_volume(image), source=image)
+    return list(cases)
+
+
 def pretrained_root(task: str = "brain_tissue") -> Path:
     """``sample_data/pretrained/<task>``: one folder per method with ``checkpoint.pt``, ``config.json``,
     ``run.json``."""

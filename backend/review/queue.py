@@ -11,8 +11,13 @@ from backend.review.corrections import flags, list_drafts
 
 # Review scores the queue can sort by: key in ``row["scores"][method]`` -> what it is, for the dock's chooser.
 # Every score is oriented "higher = more trustworthy"; the first entry is the default sort.
+# What each score is: backend/engine/scores.py.  The default is the best-measured by bench/review_loop.py
+# (rank correlation with the true Dice of the pseudo label on held-out cases: bench/results/review_loop.md).
 SORT_SCORES: dict[str, str] = {
-    "mean": "agreement Dice between the views of one method",
+    "cross": "agreement with the other methods (Dice of primary views)",
+    "mean": "agreement between one method's own views",
+    "tta": "agreement under a left-right mirror (test-time augmentation)",
+    "confidence": "1 - softmax entropy of the primary view",
 }
 DEFAULT_SORT_SCORE = next(iter(SORT_SCORES))
 
@@ -42,6 +47,21 @@ def default_runs(project: Project) -> dict[str, str]:
     return out
 
 
+def cross_score(scores: dict[str, dict], runs: dict[str, str], method: str, case: str) -> float | None:
+    """Mean Dice of ``method``'s primary view of ``case`` against each other shown method's (``runs``): each pair
+    as whichever of the two runs inferred later recorded it (``cross_agreement`` in its ``scores.json``)."""
+    values = []
+    for other, run in runs.items():
+        if other == method:
+            continue
+        mine = (scores[method].get("cases", {}).get(case) or {}).get("cross_agreement") or {}
+        theirs = (scores[other].get("cases", {}).get(case) or {}).get("cross_agreement") or {}
+        value = mine.get(f"{other}:{run}", theirs.get(f"{method}:{runs[method]}"))
+        if value is not None:
+            values.append(float(value))
+    return round(sum(values) / len(values), 6) if values else None
+
+
 def review_rows(project: Project, runs: dict[str, str] | None = None,
                 score: str = DEFAULT_SORT_SCORE) -> list[dict[str, Any]]:
     """The case table of :meth:`Project.case_table` restricted to ``runs`` (``{method: run}``; default
@@ -59,7 +79,10 @@ def review_rows(project: Project, runs: dict[str, str] | None = None,
             case_scores = run_scores.get("cases", {}).get(case)
             if case_scores:
                 row["scores"][method] = {"run": runs[method], "mean": case_scores.get("agreement_mean"),
-                                         "worst_class": case_scores.get("agreement_worst")}
+                                         "worst_class": case_scores.get("agreement_worst"),
+                                         "tta": case_scores.get("tta_agreement"),
+                                         "confidence": case_scores.get("confidence"),
+                                         "cross": cross_score(scores, runs, method, case)}
         row["flagged"] = case in flagged
         row["draft"] = case in drafts
         rows.append(row)

@@ -26,13 +26,15 @@ def assert_same_geometry(path, image_path):
 @pytest.mark.parametrize("fmt", ["nii.gz", "nrrd", "seg.nrrd"])
 def test_labels_export_in_the_image_geometry(brain_project, tmp_path, fmt):
     paths = export(brain_project, tmp_path / "out", fmt=fmt)
-    assert [p.name for p in paths] == [f"mni152_t1.{fmt}"]
-    array = assert_same_geometry(paths[0], brain_project.image_path("mni152_t1"))
-    assert np.array_equal(array, brain_project.read_label("mni152_t1").array)
+    assert [p.name for p in paths] == [f"itk_kmeans_t1.{fmt}", f"mni152_t1.{fmt}"]
+    for path, case in zip(paths, ("itk_kmeans_t1", "mni152_t1")):
+        array = assert_same_geometry(path, brain_project.image_path(case))
+        assert np.array_equal(array, brain_project.read_label(case).array)
 
 
 def test_seg_nrrd_carries_slicer_segment_fields(brain_project, tmp_path):
-    (path,) = export(brain_project, tmp_path, fmt="seg.nrrd")
+    path = export(brain_project, tmp_path, fmt="seg.nrrd")[-1]
+    assert path.name == "mni152_t1.seg.nrrd"
     image = sitk.ReadImage(str(path))
     meta = {k: image.GetMetaData(k) for k in image.GetMetaDataKeys()}
     label = brain_project.read_label("mni152_t1").array

@@ -87,8 +87,9 @@ def test_infer_writes_every_view_in_the_image_geometry_and_scores(trained):
     project, run = trained
     events = []
     assert infer(project, "supervised", device="cpu", on_event=events.append) == run
-    assert [e["type"] for e in events] == ["start", "progress", "progress", "done"]
-    assert [e["case"] for e in events if e["type"] == "progress"] == ["colin27_ch2", "itk_kmeans_t1"]
+    assert [e["type"] for e in events] == ["start", "progress", "progress", "progress", "done"]
+    assert [e["case"] for e in events if e["type"] == "progress"] == ["colin27_ch2", "colin27_ch2better",
+                                                                      "itk_kmeans_t1"]
     out = project.pseudo_dir("supervised", run)
     for case in project.unlabeled_cases():
         label = read_volume(out / case / "prediction.nii.gz")
@@ -104,6 +105,8 @@ def test_infer_writes_every_view_in_the_image_geometry_and_scores(trained):
     case = scores["cases"]["colin27_ch2"]
     assert case["agreement"] == {} and case["agreement_mean"] is None and case["agreement_worst"] is None
     assert set(case["volume_ml"]["prediction"]) == {"GM", "WM"}
+    assert 0 <= case["tta_agreement"] <= 1 and 0 <= case["confidence"] <= 1  # the supervised net gives probabilities
+    assert case["cross_agreement"] == {}  # no other method has pseudo labels yet
     row = {r["case"]: r for r in project.case_table()}["colin27_ch2"]
     assert row["scores"]["supervised"] == {"run": run, "mean": None, "worst_class": None}
 

@@ -43,7 +43,8 @@ def test_train_writes_checkpoint_config_run_and_metrics(small):
     info = json.loads((folder / "run.json").read_text())
     assert info["status"] == "done" and info["steps_done"] == 4 and info["preset"] == "tiny"
     assert info["labeled_cases"] == ["mni152_t1"] and info["labeled_count"] == 1 and info["val_on_train"] is True
-    assert info["unlabeled_cases"] == ["colin27_ch2", "itk_kmeans_t1"] and info["device"] == "cpu"
+    assert info["unlabeled_cases"] == ["colin27_ch2", "colin27_ch2better", "itk_kmeans_t1"]
+    assert info["device"] == "cpu"
     lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     train_lines = [line for line in lines if line["type"] == "train"]
     assert [line["step"] for line in train_lines] == [1, 2, 3, 4]
@@ -90,7 +91,7 @@ def test_a_small_labeled_set_is_all_trained_on(tmp_path):
     info = json.loads((project.model_dir("supervised", run) / "run.json").read_text())
     assert info["val_on_train"] is True and info["labeled_count"] == 2
     assert sorted(info["labeled_cases"]) == sorted(info["val_cases"]) == ["itk_kmeans_t1", "mni152_t1"]
-    assert info["unlabeled_cases"] == ["colin27_ch2"]
+    assert info["unlabeled_cases"] == ["colin27_ch2", "colin27_ch2better"]
     second = train(project, "supervised", preset="tiny", steps=1, device="cpu", overrides=FAST)
     assert second != run and len(second) >= len(run) and second[:8].isdigit()  # a fresh timestamped name
 

@@ -61,19 +61,22 @@ def test_shipped_checkpoint_loads_into_the_current_method_and_segments_the_real_
             assert torch.equal(value.to(saved.dtype), saved), f"{name}.{key} not loaded"
     model.eval()
 
-    # the real labeled sample case, which the run validated on when it was trained (run.json): the current code
-    # with the shipped (float16) weights must segment it as well as the run did (untrained networks: 0.0-0.16)
-    case = sample_root() / "brain_tissue"
-    image = read_volume(case / "imagesTr" / "mni152_t1_0000.nii.gz")
-    label = read_volume(case / "labelsTr" / "mni152_t1.nii.gz").array
-    volume = torch.from_numpy(np.ascontiguousarray(normalize_intensity(image.array, "MR")[None]))
-    with torch.no_grad():
-        pred = model.predict(volume)
-    assert pred.shape == image.shape and pred.dtype == np.uint8
-    dice = float(np.mean(dice_per_class(pred, label, 3)))
+    # the real labeled sample cases, which the run validated on when it was trained (run.json): the current code
+    # with the shipped (float16) weights must segment them as well as the run did (untrained networks: 0.0-0.16)
+    folder = sample_root() / "brain_tissue"
+    dices = []
+    for case in run["val_cases"]:
+        image = read_volume(folder / "imagesTr" / f"{case}_0000.nii.gz")
+        label = read_volume(folder / "labelsTr" / f"{case}.nii.gz").array
+        volume = torch.from_numpy(np.ascontiguousarray(normalize_intensity(image.array, "MR")[None]))
+        with torch.no_grad():
+            pred = model.predict(volume)
+        assert pred.shape == image.shape and pred.dtype == np.uint8
+        dices.append(float(np.mean(dice_per_class(pred, label, 3))))
+    dice = float(np.mean(dices))
     recorded = run["best"]["dice"] if run.get("best") else run["last_validation"]["mean"]
-    print(f"{method}: Dice on mni152_t1 {dice:.4f}, recorded at training {recorded:.4f}")
-    assert recorded > 0.8 and abs(dice - recorded) < 0.02, (dice, recorded)
+    print(f"{method}: Dice on {run['val_cases']} {dice:.4f}, recorded at training {recorded:.4f}")
+    assert recorded > 0.7 and abs(dice - recorded) < 0.02, (dice, recorded)
 
 
 def test_pretrained_run_is_installed_once_and_sorts_before_trained_runs(brain_project, one_torch_thread):
@@ -127,14 +130,14 @@ def test_demo_reaches_the_review_queue_with_every_method_from_the_pretrained_che
     # pseudo labels and agreement scores of every method, from the shipped runs, nothing trained
     for method in METHODS:
         scores = json.loads((project / "semiseg" / "pseudo" / method / PRETRAINED_RUN / "scores.json").read_text())
-        assert sorted(scores["cases"]) == ["colin27_ch2", "itk_kmeans_t1"]
+        assert sorted(scores["cases"]) == ["colin27_ch2", "colin27_ch2better"]
         assert sorted(p.name for p in (project / "semiseg" / "models" / method).iterdir()) == [PRETRAINED_RUN]
     # the review queue printed with a score column per method and the unlabeled cases on top
     table = text.split("Review queue", 1)[1]
     header = table.splitlines()[1]
     assert all(m in header for m in METHODS), header
     rows = [line.split() for line in table.splitlines()[2:5]]
-    assert {r[0] for r in rows[:2]} == {"colin27_ch2", "itk_kmeans_t1"} and rows[2][0] == "mni152_t1"
+    assert {r[0] for r in rows[:2]} == {"colin27_ch2", "colin27_ch2better"} and rows[2][0] == "itk_kmeans_t1"
     cells = [r[4:4 + len(METHODS)] for r in rows[:2]]
     assert all(re.fullmatch(r"\d\.\d{3}|-", c) for r in cells for c in r), rows
     assert all(sum(c != "-" for c in r) >= 3 for r in cells), rows  # one-view supervised has no agreement

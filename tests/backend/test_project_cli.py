@@ -50,9 +50,10 @@ def test_sample_then_cases_json(tmp_path):
     out = semiseg("cases", dest, "--json")
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)
-    assert {r["case"] for r in rows} == {"mni152_t1", "itk_kmeans_t1", "colin27_ch2"}
+    assert {r["case"] for r in rows} == {"mni152_t1", "itk_kmeans_t1", "colin27_ch2", "colin27_ch2better"}
     by_case = {r["case"]: r for r in rows}
-    assert by_case["mni152_t1"]["labeled"] is True and by_case["colin27_ch2"]["labeled"] is False
+    assert by_case["mni152_t1"]["labeled"] is True and by_case["itk_kmeans_t1"]["labeled"] is True
+    assert by_case["colin27_ch2"]["labeled"] is False and by_case["colin27_ch2better"]["labeled"] is False
     assert by_case["mni152_t1"]["shape"] == [94, 116, 98]  # [z, y, x] of the 98x116x94 (x, y, z) volume
     assert by_case["mni152_t1"]["spacing"] == [2.0, 2.0, 2.0]
 
@@ -78,8 +79,8 @@ def test_init_from_decathlon_folder(tmp_path):
     assert out.returncode == 0, out.stderr
     project = Project.open(tmp_path / "proj")
     assert project.labels == {0: "background", 1: "GM", 2: "WM"}
-    assert project.case_ids() == ["colin27_ch2", "itk_kmeans_t1", "mni152_t1"]
-    assert project.labeled_cases() == ["mni152_t1"]
+    assert project.case_ids() == ["colin27_ch2", "colin27_ch2better", "itk_kmeans_t1", "mni152_t1"]
+    assert project.labeled_cases() == ["itk_kmeans_t1", "mni152_t1"]
     assert project.modality == "MR"
 
 

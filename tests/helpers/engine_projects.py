@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from backend.project import Project
-from backend.project.sample import reference_label_path, sample_root
-from backend.io.volume import Volume, read_volume
+from backend.project.sample import sample_root
+from backend.io.volume import Volume
 
 
 def crop_center(volume: Volume, size: tuple[int, int, int]) -> Volume:
@@ -21,14 +21,12 @@ def crop_center(volume: Volume, size: tuple[int, int, int]) -> Volume:
 
 
 def small_brain_project(root: Path, *, size: tuple[int, int, int] = (48, 64, 64), labeled: int = 1) -> Project:
-    """brain_tissue cropped to ``size``: ``mni152_t1`` labeled; with ``labeled=2`` also ``itk_kmeans_t1``
-    (labeled with its held-aside reference), ``colin27_ch2`` always unlabeled."""
+    """brain_tissue cropped to ``size``: ``mni152_t1`` labeled; with ``labeled=2`` also ``itk_kmeans_t1`` (else
+    unlabeled); ``colin27_ch2`` and ``colin27_ch2better`` always unlabeled."""
     source = Project.open(sample_root() / "brain_tissue")
     project = Project.create(root, labels=source.labels, modality=source.modality, name="small_brain")
     for case in source.case_ids():
         image = crop_center(source.read_image(case), size)
-        label = source.read_label(case)
-        if label is None and labeled >= 2 and case == "itk_kmeans_t1":
-            label = read_volume(reference_label_path("brain_tissue", case))
+        label = source.read_label(case) if (labeled >= 2 or case != "itk_kmeans_t1") else None
         project.add_case(case, image, None if label is None else crop_center(label, size))
     return project

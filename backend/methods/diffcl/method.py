@@ -216,6 +216,12 @@ class DiffCL(Method):
         return {view: argmax_uint8(maps[view]) for view in self.views}
 
     @torch.no_grad()
+    def primary_probabilities(self, volume: torch.Tensor) -> torch.Tensor:
+        """The CS network's softmax (its arg-max is the ``cs`` view)."""
+        with self._evaluating():
+            return self.infer_volume(volume, lambda batch: {"p": self._cs_probs(batch)})["p"]
+
+    @torch.no_grad()
     def predict(self, volume: torch.Tensor) -> np.ndarray:
         """The CS network's segmentation (the paper's inference network)."""
         with self._evaluating():

@@ -329,6 +329,20 @@ class DiffRect(Method):
         return {view: _labels(maps[view]) for view in self.views}
 
     @torch.no_grad()
+    def primary_probabilities(self, volume: torch.Tensor) -> torch.Tensor:
+        """The segmentation net's softmax per slice (its arg-max is the ``weak`` view)."""
+        self.eval()
+        seg = self._inference_nets()[0]
+
+        def softmax_of(batch: torch.Tensor) -> dict[str, torch.Tensor]:
+            plain = batch.as_tensor() if hasattr(batch, "as_tensor") else batch
+            rows, cols = plain.shape[-2:]
+            padded, (y0, x0) = pad_to_multiple(plain, LATENT_FACTOR)
+            return {"p": torch.softmax(seg(padded).float(), dim=1)[..., y0:y0 + rows, x0:x0 + cols]}
+
+        return self.infer_volume(volume, softmax_of)["p"]
+
+    @torch.no_grad()
     def predict(self, volume: torch.Tensor) -> np.ndarray:
         self.eval()
         view = self.config.predict_view

@@ -224,6 +224,13 @@ class GenericSSL(Method):
             maps = self.infer_volume(volume, self._review_maps)
         return {view: argmax_uint8(maps[view]) for view in self.views}
 
+    def primary_probabilities(self, volume: torch.Tensor) -> torch.Tensor:
+        """Half the RS sum of eq. 7 (both terms are distributions over the classes, so half their sum is one;
+        its arg-max is the ``combined`` view), made as :meth:`pseudo_labels` makes it."""
+        context = self._as_training_targets() if self.config.review_mode == "train" else self._evaluating()
+        with context, torch.no_grad():
+            return 0.5 * self.infer_volume(volume, lambda batch: {"c": self._review_maps(batch)["combined"]})["c"]
+
     def predict(self, volume: torch.Tensor) -> np.ndarray:
         """``D(theta)`` on the shared encoder: the paper's inference path (not the ``combined`` view)."""
         with self._evaluating(), torch.no_grad():
