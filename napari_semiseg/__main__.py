@@ -11,8 +11,8 @@ def open_viewer(project: Path | None = None, sample: str | None = None, show: bo
     """A napari viewer with both docks; opens ``project`` (or a copy of ``sample``) and its first case."""
     import napari
 
-    from napari_semiseg.review_dock import ReviewDock
-    from napari_semiseg.training_dock import TrainingDock
+    from napari_semiseg.review import ReviewDock
+    from napari_semiseg.training import TrainingDock
 
     viewer = napari.Viewer(title="napari-semiseg", show=show)
     review = ReviewDock(viewer)

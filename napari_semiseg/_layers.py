@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from backend.io.volume import Volume
+from backend.review.colors import label_color
 
 GEOMETRY_KEY = "geometry"
 
@@ -70,11 +71,6 @@ def single_colormap(rgb: tuple[float, float, float]):
 
 
 def _palette(index: int) -> tuple[float, float, float]:
-    try:
-        from backend.review.colors import label_color
-    except ImportError:  # the shared palette module not there yet: a fixed fallback
-        fallback = [(0.9, 0.1, 0.1), (0.1, 0.7, 0.2), (0.1, 0.3, 0.95), (0.95, 0.8, 0.1), (0.8, 0.2, 0.8)]
-        return fallback[(index - 1) % len(fallback)]
     return tuple(float(c) for c in label_color(index))[:3]
 
 

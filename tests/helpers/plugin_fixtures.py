@@ -83,6 +83,7 @@ def write_fake_pseudo_labels(project: Project, run: str = FAKE_RUN,
     with a scores.json per run, as the engine does; the views are perturbed copies of the reference label
     (or a threshold map where the sample has none).  Returns the scores per method."""
     all_scores = {}
+    primaries: dict[str, dict[str, np.ndarray]] = {}  # method -> case -> primary view (the cross-method pairs)
     for mi, (method, views) in enumerate(methods.items()):
         scores: dict = {"run": run, "method": method, "views": list(views), "primary_view": views[0], "cases": {}}
         for ci, case in enumerate(project.unlabeled_cases()):
@@ -99,12 +100,28 @@ def write_fake_pseudo_labels(project: Project, run: str = FAKE_RUN,
             a, b = arrays[views[0]], arrays[views[1]]
             per_class = dice_per_class(a, b, project.num_classes)
             mean = float(np.mean(list(per_class.values())))
+            # the other scores as the engine records them: the TTA label and the entropy are stood in for by the
+            # second view (so they rank as the agreement does); the pairs with earlier methods are real Dice
+            cross = {f"{other}:{run}": float(np.mean(list(dice_per_class(a, done[case], project.num_classes).values())))
+                     for other, done in primaries.items() if other != method}
+            primaries.setdefault(method, {})[case] = a
             scores["cases"][case] = {"agreement": {f"{views[0]}|{views[1]}": {"per_class": per_class, "mean": mean}},
-                                     "agreement_mean": mean, "agreement_worst": min(per_class.values())}
+                                     "agreement_mean": mean, "agreement_worst": min(per_class.values()),
+                                     "tta_agreement": mean, "confidence": round(0.5 + 0.5 * mean, 6),
+                                     "cross_agreement": cross}
         path = project.pseudo_dir(method, run) / "scores.json"
         path.write_text(json.dumps(scores, indent=2))
         all_scores[method] = scores
     return all_scores
+
+
+def sort_by(qtbot, dock, score: str) -> None:
+    """Choose ``score`` (a key of ``SORT_SCORES``) in the review dock's *Sort by* box and wait for the table."""
+    index = dock.sort_combo.findData(score)
+    assert index >= 0, f"no sort score {score!r} in the dock"
+    if index != dock.sort_combo.currentIndex():
+        with qtbot.waitSignal(dock.table_refreshed, timeout=20000):
+            dock.sort_combo.setCurrentIndex(index)
 
 
 @pytest.fixture
@@ -120,8 +137,8 @@ def reviewed_project(tmp_path) -> Project:
 @pytest.fixture
 def docks(make_napari_viewer, qtbot, brain_project):
     """A viewer with the review and training docks on a copy of the real brain-tissue sample."""
-    from napari_semiseg.review_dock import ReviewDock
-    from napari_semiseg.training_dock import TrainingDock
+    from napari_semiseg.review import ReviewDock
+    from napari_semiseg.training import TrainingDock
 
     viewer = make_napari_viewer()
     review = ReviewDock(viewer)

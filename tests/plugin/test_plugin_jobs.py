@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from bench.ui import Ticks  # the 10 ms timer whose tick gaps are the event loop's stalls
-from helpers.plugin_fixtures import docks  # noqa: F401 (fixture)
+
+pytest_plugins = ["helpers.plugin_fixtures"]  # its fixtures: answers, docks, reviewed_project
 
 pytestmark = [pytest.mark.gui, pytest.mark.slow]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -90,9 +91,10 @@ def test_train_live_cancel_resume_then_infer_refreshes_the_review_table(docks, q
         training.cancel()
     assert finished.args[1] == "cancelled"
     # inference with that model: pseudo labels of every unlabeled case, then the review table refreshes
-    training._refresh_models()
+    training.model_list.refresh()
     assert training.selected_model() is not None and training.selected_model()[0] == "supervised"
-    assert training.models_table.item(0, 2).text() == "1"  # trained on the one labeled case
+    labeled = len(review.project.labeled_cases())
+    assert training.models_table.item(0, 2).text() == str(labeled)  # trained on every labeled case
     with qtbot.waitSignal(review.table_refreshed, timeout=400000):
         with qtbot.waitSignal(training.job_finished, timeout=400000) as finished:
             training.start_inference()

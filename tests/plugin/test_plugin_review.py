@@ -17,8 +17,10 @@ from backend.review.corrections import flags, load_draft
 from backend.review.views import MAJORITY, disagreement, majority_vote, read_views
 from backend.review.colors import label_color
 from backend.io.volume import read_volume
-from napari_semiseg.review_dock import CORRECTION, DISAGREEMENT, KEEP, ReviewDock
-from helpers.plugin_fixtures import FAKE_RUN, FAKE_VIEWS, answers, reviewed_project  # noqa: F401 (fixtures)
+from napari_semiseg.review import CORRECTION, DISAGREEMENT, KEEP, ReviewDock
+from helpers.plugin_fixtures import FAKE_RUN, FAKE_VIEWS, sort_by
+
+pytest_plugins = ["helpers.plugin_fixtures"]  # its fixtures: answers, docks, reviewed_project
 
 pytestmark = pytest.mark.gui
 REPO = Path(__file__).resolve().parents[2]
@@ -39,7 +41,7 @@ def dock(make_napari_viewer, qtbot, reviewed_project):
     with qtbot.waitSignal(widget.table_refreshed, timeout=20000):
         widget.open_project(reviewed_project.root)
     yield widget
-    widget._autosave.stop()
+    widget.editor.autosave.stop()
     widget._baseline = None  # nothing left to ask about at teardown
 
 
@@ -54,14 +56,15 @@ def load(qtbot, dock, case=None):
 
 def test_table_is_sorted_most_doubtful_first_and_filters(dock, qtbot, reviewed_project):
     project = reviewed_project
+    sort_by(qtbot, dock, "mean")  # the agreement between each method's views
     cases = dock.table_cases()
     scores = {m: project.scores(m)["cases"] for m in FAKE_VIEWS}
     unlabeled = project.unlabeled_cases()
     expected = sorted(unlabeled, key=lambda c: min(scores[m][c]["agreement_mean"] for m in FAKE_VIEWS))
     assert cases == expected + project.labeled_cases()
     headers = [dock.table.horizontalHeaderItem(i).text() for i in range(dock.table.columnCount())]
-    assert headers == ["case", "status", "diffcl\nagreement Dice\nmean (worst)",
-                       "genericssl\nagreement Dice\nmean (worst)"]
+    assert headers == ["case", "status", "diffcl\nagreement Dice\nmean (worst) \u25b2",
+                       "genericssl\nagreement Dice\nmean (worst) \u25b2"]
     header = dock.table.horizontalHeader()  # no header or cell is cut: every column is as wide as its text
     metrics = dock.table.fontMetrics()
     for j, text in enumerate(headers):
@@ -77,7 +80,7 @@ def test_table_is_sorted_most_doubtful_first_and_filters(dock, qtbot, reviewed_p
     dock.filter_combo.setCurrentText("unlabeled")
     assert dock.table_cases() == expected
     dock.filter_combo.setCurrentText("all cases")
-    assert "3 cases, 1 labeled" in dock.project_label.text()
+    assert f"{len(cases)} cases, {len(project.labeled_cases())} labeled" in dock.project_label.text()
     assert dock.run_combo.count() == 3  # latest of every method + one run per method
     with qtbot.waitSignal(dock.table_refreshed, timeout=20000):  # one method's run: only its scores
         dock.run_combo.setCurrentIndex(dock.run_combo.findData(f"diffcl/{FAKE_RUN}"))
@@ -251,7 +254,7 @@ DRAFT_SCRIPT = textwrap.dedent("""
     import sys, time
     import napari
     from qtpy.QtWidgets import QApplication
-    from napari_semiseg.review_dock import ReviewDock
+    from napari_semiseg.review import ReviewDock
 
     root = sys.argv[1]
     viewer = napari.Viewer(show=False)
@@ -355,9 +358,10 @@ def test_export_accepted_labels_as_slicer_segmentation(dock, qtbot, reviewed_pro
     dock.export_format.setCurrentText("seg.nrrd")
     with qtbot.waitSignal(dock.exported, timeout=30000) as blocker:
         dock.export_to(tmp_path / "out")
-    [path] = blocker.args[0]
+    paths = blocker.args[0]  # one file per labeled case
+    assert sorted(Path(p).name for p in paths) == sorted(f"{c}.seg.nrrd" for c in reviewed_project.labeled_cases())
     case = reviewed_project.labeled_cases()[0]
-    assert Path(path).name == f"{case}.seg.nrrd"
+    path = next(p for p in paths if Path(p).name == f"{case}.seg.nrrd")
     back = read_volume(path)
     assert reviewed_project.read_image(case).geometry_mismatch(back) is None
     reader = sitk.ImageFileReader()

@@ -12,14 +12,17 @@ from backend.review.queue import default_runs, review_rows
 from backend.review.views import ALL_METHODS, disagreement, disagreement_by_method, majority_vote, pseudo_views, read_views, slice_profile, worst_slice
 from backend.errors import InputError
 from backend.io.volume import Volume, read_volume
-from helpers.plugin_fixtures import FAKE_RUN, reviewed_project  # noqa: F401 (fixture)
+from helpers.plugin_fixtures import FAKE_RUN
+
+pytest_plugins = ["helpers.plugin_fixtures"]  # its fixtures: answers, docks, reviewed_project
 
 
 def test_review_rows_put_the_most_doubtful_unlabeled_case_first(reviewed_project):
-    rows = review_rows(reviewed_project)
-    assert [r["labeled"] for r in rows] == [False, False, True]
-    lows = [min(s["mean"] for s in r["scores"].values()) for r in rows[:2]]
-    assert lows[0] <= lows[1]
+    rows = review_rows(reviewed_project, score="mean")
+    unlabeled = len(reviewed_project.unlabeled_cases())
+    assert unlabeled >= 2 and [r["labeled"] for r in rows] == [False] * unlabeled + [True] * (len(rows) - unlabeled)
+    lows = [min(s["mean"] for s in r["scores"].values()) for r in rows[:unlabeled]]
+    assert lows == sorted(lows)
     assert set(rows[0]["scores"]) == {"diffcl", "genericssl"}
     assert rows[0]["scores"]["diffcl"]["worst_class"] <= rows[0]["scores"]["diffcl"]["mean"]
     only = review_rows(reviewed_project, {"diffcl": FAKE_RUN})

@@ -14,9 +14,10 @@ from backend.review.views import ALL_METHODS, disagreement, read_views, slice_pr
 from backend.review.colors import label_color
 from backend.io.atomic import write_json_atomic
 from backend.io.volume import read_volume
-from napari_semiseg.review_dock import ACCEPT_ANYWAY, CORRECTION, DISAGREEMENT, KEEP, OVERWRITE, ReviewDock
-from napari_semiseg.training_dock import CANCEL_JOB, KEEP_RUNNING, STAY, TrainingDock
-from helpers.plugin_fixtures import answers, reviewed_project  # noqa: F401 (fixtures)
+from napari_semiseg.review import ACCEPT_ANYWAY, CORRECTION, DISAGREEMENT, KEEP, OVERWRITE, ReviewDock
+from napari_semiseg.training import CANCEL_JOB, KEEP_RUNNING, STAY, TrainingDock
+
+pytest_plugins = ["helpers.plugin_fixtures"]  # its fixtures: answers, docks, reviewed_project
 
 pytestmark = pytest.mark.gui
 
@@ -53,7 +54,7 @@ def dock(make_napari_viewer, qtbot, reviewed_project):
     widget = open_dock(make_napari_viewer, qtbot, reviewed_project.root)
     widget.advance_check.setChecked(False)
     yield widget
-    widget._autosave.stop()
+    widget.editor.autosave.stop()
     widget._baseline = None
 
 
@@ -109,7 +110,7 @@ def test_disagreement_outline_per_method_toggle_3d_and_worst_slice(dock, qtbot, 
     rect = plot._plot_rect()
     target = len(plot.profile) // 4
     x = int(rect.left() + (target + 0.5) * rect.width() / len(plot.profile))
-    qtbot.mouseClick(plot, Qt.MouseButton.LeftButton, pos=QPoint(x, int(rect.center().y())))
+    qtbot.mouseClick(plot.viewport(), Qt.MouseButton.LeftButton, pos=QPoint(x, int(rect.center().y())))
     assert dock.current_slice() == target and plot.current == target
 
 
@@ -256,7 +257,7 @@ def test_infer_uses_the_best_run_by_validation_unless_the_user_picks_one(trainin
     assert training.method_combo.currentText() == "diffrect"  # a semi-supervised method by default
     _fake_run(brain_project, "diffrect", "20260101-000000", 0.759)
     _fake_run(brain_project, "diffrect", "20260102-000000", 0.134)  # newer, far worse
-    training._refresh_models()
+    training.model_list.refresh()
     assert training.spec("infer")["run"] == "20260101-000000"
     assert training.model_label.text() == ("Infer uses: diffrect run 20260101-000000, best by validation "
                                            "(validation Dice 0.759)")
@@ -270,13 +271,13 @@ def test_infer_uses_the_best_run_by_validation_unless_the_user_picks_one(trainin
     assert training.model_label.text().endswith("20260102-000000, your pick (validation Dice 0.134)")
     assert table.item(rows["20260102-000000"], 4).text() == "picked"
     assert table.item(rows["20260101-000000"], 4).text() == ""
-    training._refresh_models()  # a refresh (a job's checkpoint, an accept) keeps the pick
+    training.model_list.refresh()  # a refresh (a job's checkpoint, an accept) keeps the pick
     assert training.spec("infer")["run"] == "20260102-000000"
     training.best_button.click()
     assert training.spec("infer")["run"] == "20260101-000000" and "best by validation" in training.model_label.text()
     # a better run arrives: followed without a pick
     _fake_run(brain_project, "diffrect", "20260103-000000", 0.80)
-    training._refresh_models()
+    training.model_list.refresh()
     assert training.spec("infer")["run"] == "20260103-000000"
 
 
@@ -310,7 +311,7 @@ def test_a_method_with_one_view_gets_no_agreement_column(make_napari_viewer, qtb
     import json
 
     from backend.io.volume import write_volume
-    from helpers.plugin_fixtures import FAKE_RUN
+    from helpers.plugin_fixtures import FAKE_RUN, sort_by
 
     project = reviewed_project
     cases = {}
@@ -320,6 +321,7 @@ def test_a_method_with_one_view_gets_no_agreement_column(make_napari_viewer, qtb
         cases[case] = {"agreement": {}, "agreement_mean": None, "agreement_worst": None}
     (project.pseudo_dir("supervised", FAKE_RUN) / "scores.json").write_text(json.dumps({"cases": cases}))
     dock = open_dock(make_napari_viewer, qtbot, project.root)
+    sort_by(qtbot, dock, "mean")
     assert "supervised" in dock.methods_in_table()
     headers = [dock.table.horizontalHeaderItem(i).text() for i in range(dock.table.columnCount())]
     assert [h.split("\n")[0] for h in headers] == ["case", "status", "diffcl", "genericssl"]

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_semiseg.review_dock import CORRECTION
-from helpers.plugin_fixtures import docks, write_fake_pseudo_labels  # noqa: F401 (fixture)
+from napari_semiseg.review import CORRECTION
+from helpers.plugin_fixtures import write_fake_pseudo_labels
+
+pytest_plugins = ["helpers.plugin_fixtures"]  # its fixtures: answers, docks, reviewed_project
 
 pytestmark = pytest.mark.gui
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -62,18 +64,18 @@ def test_screenshots_of_both_docks(docks, qtbot, brain_project):
 
     write_json_atomic(brain_project.model_dir("supervised", "20251231-120000") / "run.json",
                       {"labeled_count": 1, "last_validation": {"mean": 0.64}})
-    training._refresh_models()
+    training.model_list.refresh()
     training._timer.timeout.disconnect()  # replayed events: nothing to poll
     training.follow("20260101-000000-train-abcd", "train")
-    training._show_event({"type": "start", "run": "20260101-000000", "method": "supervised", "device": "cpu",
+    training.monitor.show_event({"type": "start", "run": "20260101-000000", "method": "supervised", "device": "cpu",
                           "total": 200})
     rng = np.random.default_rng(0)
     for step in range(1, 122, 3):
-        training._show_event({"type": "progress", "step": step, "total": 200, "eta_s": 2.5 * (200 - step),
+        training.monitor.show_event({"type": "progress", "step": step, "total": 200, "eta_s": 2.5 * (200 - step),
                               "losses": {"loss": 1.8 * np.exp(-step / 60) + 0.3 + 0.05 * rng.random()}})
         if step in (25, 49, 73, 97, 121):
             mean = 0.3 + 0.5 * (1 - np.exp(-step / 50))
-            training._show_event({"type": "validation", "step": step, "mean": mean,
+            training.monitor.show_event({"type": "validation", "step": step, "mean": mean,
                                   "dice": {"GM": mean + 0.05, "WM": mean - 0.05}})
     training.parent().raise_()
     qtbot.wait(300)

@@ -1,0 +1,239 @@
+"""The training dock: train a method and regenerate pseudo labels in a background job, watch it live.
+
+Training and inference run in a child process through :mod:`backend.jobs` (never in napari's process, which
+never even imports torch: the method and device lists come from a short child process too).  The dock is three
+panels: :class:`~napari_semiseg.training.form.TrainingForm` (``form.py``: method, preset, device, steps),
+:class:`~napari_semiseg.training.monitor.JobMonitor` (``monitor.py``: progress, curves, Dice, cancel, resume) and
+:class:`~napari_semiseg.training.models.ModelList` (``models.py``: the runs, and which one *Infer* uses: the best by
+validation, :func:`backend.project.runs.best_runs`, unless the user picked one; the dock says which and why).
+Closing napari while a job runs asks first.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
+
+from backend.errors import InputError, JobBusyError
+from backend.project import Project
+from napari_semiseg import _state
+from napari_semiseg._dock import DockBase, show_error
+from napari_semiseg.training.form import SEMI_SUPERVISED_FIRST, TrainingForm
+from napari_semiseg.training.models import BEST, PICKED, ModelList
+from napari_semiseg.training.monitor import CALIBRATION, FINAL, LOSS_SERIES, JobMonitor
+
+__all__ = ["TrainingDock", "KEEP_RUNNING", "CANCEL_JOB", "STAY", "BEST", "PICKED", "LOSS_SERIES", "CALIBRATION",
+           "FINAL", "SEMI_SUPERVISED_FIRST"]
+
+KEEP_RUNNING, CANCEL_JOB, STAY = "Close, keep the job running", "Cancel the job and close", "Don't close"
+
+
+class TrainingDock(DockBase):
+    """Start, watch, cancel and resume training and inference jobs of the open project."""
+
+    choices_loaded = Signal(dict)
+    job_started = Signal(str)
+    event_received = Signal(dict)
+    job_finished = Signal(str, str)  # job id, final state
+
+    def __init__(self, napari_viewer: Any, parent: QWidget | None = None):
+        super().__init__(napari_viewer, parent)
+        #: config overrides sent with training jobs (no widget: for scripts and tests, e.g. {"val_every": 10})
+        self.overrides: dict[str, Any] | None = None
+        layout = QVBoxLayout(self)
+        top = QHBoxLayout()
+        self.project_label = QLabel("No project open")
+        self.project_label.setWordWrap(True)
+        self.open_button = QPushButton("Open project...")
+        self.open_button.clicked.connect(self._choose_project)
+        top.addWidget(self.project_label, stretch=1)
+        top.addWidget(self.open_button)
+        layout.addLayout(top)
+        self.form = TrainingForm(self)
+        layout.addWidget(self.form)
+        buttons = QHBoxLayout()
+        self.train_button = QPushButton("Train")
+        self.train_button.setToolTip("Train the method on the labeled and unlabeled cases (a background job)")
+        self.train_button.clicked.connect(self.start_training)
+        self.infer_button = QPushButton("Infer")
+        self.infer_button.setToolTip("Regenerate pseudo labels and agreement scores of every unlabeled case "
+                                     "with the run named below (the best by validation unless you click another)")
+        self.infer_button.clicked.connect(self.start_inference)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.clicked.connect(lambda: self.cancel())
+        self.resume_button = QPushButton("Resume")
+        self.resume_button.setToolTip("Continue the last cancelled, failed or killed training from its checkpoint")
+        self.resume_button.clicked.connect(self.resume)
+        for button in (self.train_button, self.infer_button, self.cancel_button, self.resume_button):
+            buttons.addWidget(button)
+        layout.addLayout(buttons)
+        self.monitor = JobMonitor(self)
+        layout.addWidget(self.monitor)
+        self.model_list = ModelList(self)
+        layout.addWidget(self.model_list)
+        layout.addStretch(1)
+        # the widgets scripts and tests drive, under the names they have always had
+        form, monitor = self.form, self.monitor
+        self.method_combo, self.preset_combo = form.method_combo, form.preset_combo
+        self.device_combo, self.steps_spin = form.device_combo, form.steps_spin
+        self.progress, self.dice_label, self.calibration_label = (monitor.progress, monitor.dice_label,
+                                                                  monitor.calibration_label)
+        self.loss_plot, self.dice_plot, self._timer = monitor.loss_plot, monitor.dice_plot, monitor.timer
+        self.models_table, self.model_label = self.model_list.models_table, self.model_list.model_label
+        self.best_button = self.model_list.best_button
+        form.message.connect(self._say)
+        form.method_changed.connect(self.model_list.set_method)
+        form.choices_loaded.connect(self._on_choices)
+        self.model_list.method_picked.connect(self._select_method)
+        self._update_buttons()
+        self.state.project_changed.connect(self._on_project_changed)
+        self.state.labels_changed.connect(lambda _case: self.model_list.refresh())
+        self.state.models_changed.connect(self.model_list.refresh)
+        form.load_choices()
+        self._on_project_changed(self.state.project)
+
+    # ---- the panels' state, under its old names ----------------------------------------------------------------
+    @property
+    def choices(self) -> dict[str, Any]:
+        return self.form.choices
+
+    @property
+    def _choices_process(self):
+        return self.form.process
+
+    @property
+    def job_id(self) -> str | None:
+        return self.monitor.job_id
+
+    @job_id.setter
+    def job_id(self, value: str | None) -> None:
+        self.monitor.job_id = value
+
+    @property
+    def job_kind(self) -> str | None:
+        return self.monitor.job_kind
+
+    @job_kind.setter
+    def job_kind(self, value: str | None) -> None:
+        self.monitor.job_kind = value
+
+    def _update_buttons(self) -> None:
+        project = self.state.project
+        running = self.is_running()
+        ready = project is not None and self.method_combo.count() > 0
+        self.train_button.setEnabled(ready and not running)
+        self.infer_button.setEnabled(ready and not running)
+        self.cancel_button.setEnabled(running)
+        self.resume_button.setEnabled(project is not None and not running and self.monitor.resumable() is not None)
+
+    def set_choices(self, choices: dict[str, Any]) -> None:
+        """Fill the form from ``{"methods": {name: [presets]}, "devices": [...]}``."""
+        self.form.set_choices(choices)
+
+    def _on_choices(self, choices: dict[str, Any]) -> None:
+        self._update_buttons()
+        self.choices_loaded.emit(choices)
+
+    def _select_method(self, method: str) -> None:
+        if self.method_combo.findText(method) >= 0:
+            self.method_combo.setCurrentText(method)
+
+    # ---- project --------------------------------------------------------------------------------------------------
+    def _choose_project(self) -> None:
+        folder = self.choose_folder()
+        if folder:
+            try:
+                self.state.set_project(Project.open(folder))
+            except InputError as exc:
+                show_error(str(exc))
+
+    def _on_project_changed(self, project: Project | None) -> None:
+        self.monitor.stop()
+        self.project_label.setText("No project open" if project is None else f"{project.name}\n{project.root}")
+        self.model_list.set_project(project)
+        if project is not None:
+            self._attach_running_job(project)
+        self._update_buttons()
+
+    def _attach_running_job(self, project: Project) -> None:
+        """Follow a job that is already running on the project (started earlier or from the CLI)."""
+        from backend.jobs import list_jobs
+
+        for job in list_jobs(project.root):
+            if job["state"] in ("queued", "running"):
+                self.follow(job["id"], job.get("kind"))
+                return
+
+    # ---- jobs -----------------------------------------------------------------------------------------------------
+    def inference_run(self, method: str) -> tuple[str | None, str]:
+        return self.model_list.inference_run(method)
+
+    def selected_model(self) -> tuple[str, str] | None:
+        return self.model_list.selected_model()
+
+    def spec(self, kind: str = "train") -> dict[str, Any]:
+        """The job spec from the dock's choices."""
+        values = self.form.values()
+        spec: dict[str, Any] = {"kind": kind, "method": values["method"], "device": values["device"]}
+        if kind == "train":
+            spec["preset"], spec["steps"] = values["preset"], values["steps"]
+            if self.overrides:
+                spec["overrides"] = dict(self.overrides)
+        else:
+            run, _why = self.inference_run(spec["method"])
+            if run is not None:
+                spec["run"] = run
+        return spec
+
+    def start_training(self) -> str | None:
+        return self._start(self.spec("train"))
+
+    def start_inference(self) -> str | None:
+        """Infer the chosen method with the run the dock shows (the user's pick, else the best by validation)."""
+        return self._start(self.spec("infer"))
+
+    def _start(self, spec: dict[str, Any]) -> str | None:
+        from backend.jobs import start_job
+
+        project = self.state.project
+        if project is None or not spec.get("method"):
+            return None
+        try:
+            job_id = start_job(project.root, spec)
+        except (JobBusyError, InputError, ValueError) as exc:
+            show_error(str(exc))
+            return None
+        self.follow(job_id, spec["kind"])
+        return job_id
+
+    def follow(self, job_id: str, kind: str | None = None) -> None:
+        self.monitor.follow(job_id, kind)
+
+    def is_running(self) -> bool:
+        return self.monitor.is_running()
+
+    def cancel(self) -> None:
+        self.monitor.cancel()
+
+    def resume(self) -> str | None:
+        return self.monitor.resume()
+
+    def confirm_close(self) -> bool:
+        """Asked when the viewer closes while a job runs: True lets it close (after cancelling, if chosen)."""
+        kind = self.job_kind or "job"
+        answer = _state.ask(self, f"A {kind} job is running",
+                            f"The {kind} job {self.job_id} is still running. It runs in its own process: it can "
+                            f"go on after napari closes (open the project again to follow it), or be cancelled "
+                            f"now{' (it saves a checkpoint; Resume continues it)' if kind == 'train' else ''}.",
+                            [KEEP_RUNNING, CANCEL_JOB, STAY], default=STAY)
+        if answer == CANCEL_JOB:
+            self.cancel()
+            return True
+        return answer == KEEP_RUNNING
+
+    def allow_close(self, window: Any) -> bool:
+        """A close goes through without a question when nothing runs or the window is hidden (scripts, tests)."""
+        if not self.is_running() or not window.isVisible():
+            return True
+        return self.confirm_close()
