@@ -30,6 +30,7 @@ from backend.methods import method_names
 from backend.project import Project
 from backend.project.sample import PRETRAINED_RUN, copy_sample, install_pretrained, pretrained_methods
 from backend.project.runs import pseudo_runs
+from backend.review.queue import DEFAULT_SORT_SCORE, SORT_SCORES, review_rows
 
 DEFAULT_METHODS = ("supervised", "diffrect", "diffcl", "genericssl")
 DEFAULT_TRAIN_PRESET = "tiny"
@@ -205,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     for method in untrained:
         clock.say(f"{method}: no pretrained checkpoint{'' if args.train else ' (train it with --train)'}")
     infer_all(project, jobs, clock, device=args.device)
-    print(f"\nReview queue (most doubtful first; 'agree' = agreement Dice between each method's views):\n"
-          f"{format_case_table(project.case_table())}\n", flush=True)
+    print(f"\nReview queue (most doubtful first; '{DEFAULT_SORT_SCORE}' = {SORT_SCORES[DEFAULT_SORT_SCORE]}):\n"
+          f"{format_case_table(review_rows(project))}\n", flush=True)
     clock.say("review queue ready")
 
     # 2. training, only when asked
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.train:
         trained = train_all(project, methods, args.preset, args.steps, clock, device=args.device)
         infer_all(project, [(m, None) for m in trained], clock, device=args.device)
-        print(f"\nReview queue after training:\n{format_case_table(project.case_table())}\n", flush=True)
+        print(f"\nReview queue after training:\n{format_case_table(review_rows(project))}\n", flush=True)
         clock.say("done")
     else:
         python = shlex.quote(sys.executable)

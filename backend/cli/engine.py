@@ -14,6 +14,7 @@ from typing import Any
 
 from backend.cli.project import format_case_table
 from backend.text import format_duration
+from backend.review.queue import review_rows
 
 
 
@@ -116,7 +117,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     infer(project, args.method, run=args.run, device=args.device, cases=args.cases or None, on_event=_print_event,
           checkpoint=args.checkpoint)
     print()
-    print(format_case_table(project.case_table()))
+    print(format_case_table(review_rows(project)))
     return 0
 
 

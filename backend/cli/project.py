@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from backend.review.queue import sort_review_queue
+from backend.review.queue import DEFAULT_SORT_SCORE, SORT_SCORES
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -19,25 +19,28 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_cases(args: argparse.Namespace) -> int:
     from backend.project import Project
 
-    rows = Project.open(args.project).case_table()
+    from backend.review.queue import review_rows
+
+    rows = review_rows(Project.open(args.project), score=args.sort)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(format_case_table(rows))
+    print(format_case_table(rows, args.sort))
     return 0
 
 
-def format_case_table(rows: list[dict]) -> str:
-    """The case table as aligned text, most doubtful (lowest agreement) unlabeled case first."""
+def format_case_table(rows: list[dict], score: str = DEFAULT_SORT_SCORE) -> str:
+    """The review queue (:func:`backend.review.queue.review_rows`, already in its order) as aligned text, one
+    column of ``score`` per method."""
     methods = sorted({m for row in rows for m in row["scores"]})
-    header = ["case", "labeled", "shape (z,y,x)", "spacing (x,y,z) mm"] + [f"{m} agree" for m in methods]
+    header = ["case", "labeled", "shape (z,y,x)", "spacing (x,y,z) mm"] + [f"{m} {score}" for m in methods]
     lines = []
-    for row in sort_review_queue(rows):
+    for row in rows:
         cells = [row["case"], "yes" if row["labeled"] else "no", "x".join(map(str, row["shape"])),
                  "x".join(f"{s:g}" for s in row["spacing"])]
         for m in methods:
-            score = row["scores"].get(m, {}).get("mean")
-            cells.append("-" if score is None else f"{score:.3f}")
+            value = row["scores"].get(m, {}).get(score)
+            cells.append("-" if value is None else f"{value:.3f}")
         lines.append(cells)
     widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -73,8 +76,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels-json", type=Path, help='label names, e.g. {"background": 0, "liver": 1}')
     p.add_argument("--modality", choices=["MR", "CT", "other"], help="intensity normalisation (default MR)")
 
-    p = sub.add_parser("cases", help="list every case: labeled or not, shape, spacing, agreement scores")
+    p = sub.add_parser("cases", help="list every case in review order: labeled or not, shape, spacing, scores")
     p.add_argument("project", type=Path)
+    p.add_argument("--sort", choices=list(SORT_SCORES), default=DEFAULT_SORT_SCORE,
+                   help="the review score that orders the table and fills its columns (default %(default)s: "
+                        f"{SORT_SCORES[DEFAULT_SORT_SCORE]})")
     p.set_defaults(func=cmd_cases)
     p.add_argument("--json", action="store_true")
 

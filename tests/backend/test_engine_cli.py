@@ -56,7 +56,7 @@ def test_sample_train_infer_export_through_the_cli(tmp_path):
     best = json.loads((folder / "run.json").read_text())["best"]
     assert best["step"] in (100, 200) and (folder / "best.pt").is_file()
     out = semiseg("infer", root, "--method", "supervised", "--device", "cpu").stdout
-    assert "case 2/2" in out and "supervised agree" in out  # progress lines, then the review queue
+    assert "case 2/2" in out and "supervised cross" in out  # progress lines, then the review queue
     assert f"best checkpoint, step {best['step']}, validation Dice {best['dice']:.3f}; best run by validation" in out
     for case in project.unlabeled_cases():
         assert (project.pseudo_dir("supervised", run) / case / "prediction.nii.gz").is_file()

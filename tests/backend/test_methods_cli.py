@@ -54,5 +54,6 @@ def test_train_then_infer_writes_every_view_and_scores(method, tmp_path):
         case_scores = scores["cases"][case]
         assert 0.0 <= case_scores["agreement_mean"] <= 1.0
         assert len(case_scores["agreement"]) == len(views) * (len(views) - 1) // 2
-    # The review queue (CLI table) now shows the method's agreement column.
-    assert f"{method} agree" in semiseg("cases", root).stdout
+    # The review queue (CLI table) now shows the method's column of the default score, or of the one asked for.
+    assert f"{method} cross" in semiseg("cases", root).stdout
+    assert f"{method} mean" in semiseg("cases", root, "--sort", "mean").stdout
