@@ -225,7 +225,7 @@ def test_confidence_rule_boundaries_and_background():
         assert np.array_equal(lab.numpy(), nl) and np.array_equal(cf.numpy(), nc)
 
 
-# ---- schedules, guidance, EMA -----------------------------------------------------------------------------------------
+# ---- schedules, guidance, EMA ----------------------------------------------------------------------------------------
 
 def test_ramp_ups_and_learning_rate_at_given_steps():
     assert sigmoid_rampup(0, 100) == pytest.approx(math.exp(-5.0))
@@ -284,7 +284,7 @@ def test_tau_embedding_is_the_scaled_sinusoid():
     assert tiny(guidance="none").rect.embed_tau(torch.tensor([0.5])) is None
 
 
-# ---- diffusion pieces -------------------------------------------------------------------------------------------------
+# ---- diffusion pieces ------------------------------------------------------------------------------------------------
 
 def test_schedule_timesteps_and_q_sample():
     method = tiny()
@@ -649,7 +649,8 @@ def test_strong_perturbation_values(monkeypatch):
     assert np.allclose(blurred[1:].double().numpy(), _np_blur(x[1:].numpy(), 1.5, 5), atol=1e-5)
     # random factors: each enhancement in [1, 1 + max] with rate p; sigma in [0, max] with rate p
     factors, sigmas, radii = [], [], []
-    monkeypatch.setattr(aug, "_blend", lambda a, base, f: factors.append(f.clone()) or base + f.view(-1, 1, 1, 1) * (a - base))
+    monkeypatch.setattr(aug, "_blend", lambda a, base, f:
+                        factors.append(f.clone()) or base + f.view(-1, 1, 1, 1) * (a - base))
     real_blur = aug.gaussian_blur
     monkeypatch.setattr(aug, "gaussian_blur", lambda a, s, r: sigmas.append(s.clone()) or radii.append(r)
                         or real_blur(a, s, r))
@@ -944,7 +945,7 @@ def test_training_step_warps_and_perturbs_as_configured(monkeypatch):
     assert len(rectify) == 1 and encodes[2][0][1].shape[0] == n + bu
 
 
-# ---- review views, predict, inference ---------------------------------------------------------------------------------
+# ---- review views, predict, inference --------------------------------------------------------------------------------
 
 class PointwiseSeg(torch.nn.Module):
     """logits = [x, -x, 0.3 x^2 - 0.5] per pixel: the arg-max is known for every intensity."""
