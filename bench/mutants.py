@@ -35,21 +35,17 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-@dataclasses.dataclass(frozen=True)
-class Mutant:
-    """A one-line bug: ``old`` (an exact piece of one line of ``file``, unique in it) becomes ``new``."""
-
-    file: str
-    old: str
-    new: str
-    why: str
-
+from bench.mutant import Mutant  # noqa: E402
 
 # The fast tests that must catch each method's mutants (pytest arguments, relative to the repository root).
-FAST_TESTS: dict[str, list[str]] = {
-    "diffrect": ["tests/backend/test_methods_diffrect.py", "tests/backend/test_methods_diffrect_nets.py", "-m", "not slow"],
-    "diffcl": ["tests/backend/test_methods_diffcl.py", "tests/backend/test_methods_diffcl_mamba.py", "-m", "not slow"],
-    "genericssl": ["tests/backend/test_methods_genericssl.py", "-m", "not slow"],
+_SHARED_TESTS = "tests/backend/test_behaviour_shared.py"  # the scoring / review path every method's views go through
+FAST_TESTS: dict[str, list[str]] = {  # value checks first: with -x a caught mutant stops at its first failure
+    "diffrect": ["tests/backend/test_behaviour_diffrect.py", _SHARED_TESTS, "tests/backend/test_methods_diffrect.py",
+                 "tests/backend/test_methods_diffrect_nets.py", "-m", "not slow"],
+    "diffcl": ["tests/backend/test_behaviour_diffcl.py", _SHARED_TESTS, "tests/backend/test_methods_diffcl.py",
+               "tests/backend/test_methods_diffcl_mamba.py", "-m", "not slow"],
+    "genericssl": ["tests/backend/test_behaviour_genericssl.py", _SHARED_TESTS,
+                   "tests/backend/test_methods_genericssl.py", "-m", "not slow"],
 }
 
 # ---- DiffRect mutants ------------------------------------------------------------------------------------------
@@ -315,7 +311,17 @@ GENERICSSL: list[Mutant] = [
 # ---- end of A&D mutants ----------------------------------------------------------------------------------------
 
 
-MUTANTS: dict[str, list[Mutant]] = {"diffrect": DIFFRECT, "diffcl": DIFFCL, "genericssl": GENERICSSL}
+LISTED: dict[str, list[Mutant]] = {"diffrect": DIFFRECT, "diffcl": DIFFCL, "genericssl": GENERICSSL}
+
+
+def _all_mutants() -> dict[str, list[Mutant]]:
+    """The listed mutants of each method, then the paper-derived ones (:mod:`bench.mutants_paper`), numbered on."""
+    from bench.mutants_paper import PAPER
+
+    return {m: [*LISTED[m], *PAPER.get(m, [])] for m in LISTED}
+
+
+MUTANTS: dict[str, list[Mutant]] = _all_mutants()
 
 
 @dataclasses.dataclass
@@ -429,7 +435,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
     parser.add_argument("--no-write", action="store_true",
                         help="do not write bench/results/mutants-<method>.md (one method) or mutants.md (several)")
+    parser.add_argument("--extra", type=Path, metavar="FILE.py",
+                        help="also run the mutants of a file that defines EXTRA = {method: [Mutant, ...]} "
+                             "(numbered after the kept ones; for trying bugs before they are kept here)")
     args = parser.parse_args(argv)
+    if args.extra:
+        import runpy
+
+        for method, extra in runpy.run_path(str(args.extra))["EXTRA"].items():
+            MUTANTS[method] = [*MUTANTS[method], *extra]
 
     if args.list:
         for method in args.methods:
