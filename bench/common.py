@@ -75,6 +75,27 @@ def build_slab_task(dest: Path, slabs: int = 3, labeled: int = 1, test: int = 2,
     return SlabTask(project, references, test_cases)
 
 
+def build_sample_task(dest: Path) -> SlabTask:
+    """The shipped sample task as it is (``sample_data/brain_tissue``: 2 labeled and 2 unlabeled real T1 volumes,
+    brain-masked) scored on its held-out cases (``sample_data/heldout``: never in the project, not even unlabeled),
+    the same split the pretrained table uses."""
+    from backend.project.sample import copy_sample, heldout_cases
+
+    shutil.rmtree(dest, ignore_errors=True)
+    project = copy_sample(dest)
+    test_dir = dest.parent / f"{dest.name}-test"
+    shutil.rmtree(test_dir, ignore_errors=True)
+    test_dir.mkdir(parents=True)
+    references: dict[str, Path] = {}
+    for case, (image, label) in heldout_cases().items():
+        shutil.copyfile(image, test_dir / f"{case}_0000.nii.gz")
+        references[case] = label
+    return SlabTask(project, references, sorted(references))
+
+
+TASKS = {"sample": build_sample_task, "slabs": build_slab_task}
+
+
 def evaluate_on_test(task: SlabTask, method: str, run: str, device: str = "auto") -> dict[str, float]:
     """Dice, Jaccard, HD95 and ASD (mm, MONAI) over the held-out slabs and foreground classes.
 

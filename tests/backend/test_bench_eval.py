@@ -75,7 +75,7 @@ def test_ssl_gain_reports_every_method_against_its_baseline(tmp_path):
 
 @pytest.mark.slow
 def test_review_loop_grows_the_labeled_set_each_round_for_both_strategies(tmp_path):
-    out = _bench("review_loop.py", "--method", "diffrect", "--rounds", "2", "--k", "1", "--steps", "2",
+    out = _bench("review_loop.py", "--loop", "--method", "diffrect", "--rounds", "2", "--k", "1", "--steps", "2",
                  "--seeds", "0", "--device", "cpu", "--out", str(tmp_path))
     text = (tmp_path / "review_loop-diffrect-smoke.md").read_text()
     assert text.strip() in out
