@@ -19,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (project, engine, jobs):
         module.add_parsers(sub)
+    from backend.cli import server
+    server.add_parsers(sub)
     return parser
 
 
