@@ -311,6 +311,15 @@ GENERICSSL: list[Mutant] = [
 # ---- end of A&D mutants ----------------------------------------------------------------------------------------
 
 
+# ---- the three bugs quoted in issue 23 (kept: each must stay caught) --------------------------------------------
+DIFFRECT.append(Mutant(_DR, "prob = torch.softmax(logits, dim=1)", "prob = torch.softmax(logits, dim=0)",
+                       "ce_dice: Dice of a softmax over the batch, not the classes (issue 23)"))
+GENERICSSL.append(Mutant("backend/methods/genericssl/method.py", "p_l_psi = net.psi(x_l)", "p_l_psi = net.psi(x_u)",
+                         "L_diff (eq. 6) fed the unlabeled batch instead of the labeled one (issue 23)"))
+DIFFCL.append(Mutant("backend/review/queue.py", "min(values) if values else 2.0", "max(values) if values else 2.0",
+                     "review queue sorted by the best method's score, not the worst (issue 23)"))
+
+
 LISTED: dict[str, list[Mutant]] = {"diffrect": DIFFRECT, "diffcl": DIFFCL, "genericssl": GENERICSSL}
 
 

@@ -260,10 +260,15 @@ def test_rotation_keeps_image_and_label_aligned():
 
 
 def test_weak_perturb_only_first_labels():
+    torch.manual_seed(0)
     image = torch.randn(5, 1, 8, 8)
-    labels = torch.randint(0, 2, (2, 8, 8))
-    out_img, out_lab = weak_perturb(image, labels)
-    assert out_img.shape == image.shape and out_lab.shape == (2, 8, 8)
+    labels = (image[:2, 0] > 0).long()  # the labels of the first two images
+    out_img, out_lab = weak_perturb(image, labels, flip_p=1.0, rotate_p=0.0)  # both flips: a half turn
+    assert torch.allclose(out_img, image.flip(-1, -2), atol=1e-5)
+    assert torch.equal(out_lab, labels.flip(-1, -2))
+    for _ in range(4):  # random flips (pixel centres onto pixel centres): each label moves with its own image
+        out_img, out_lab = weak_perturb(image, labels, rotate_p=0.0)
+        assert torch.equal(out_lab, (out_img[:2, 0] > 0).long())
 
 
 def test_strong_perturbation():
