@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import secrets
+import ssl
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,11 +34,13 @@ class Transport:
     ``timeout``: seconds without an answer before :class:`~backend.remote.errors.RemoteTimeout`.
     """
 
-    def __init__(self, url: str, token: str, *, cache_dir: str | Path | None = None, verify: bool | str = True,
+    def __init__(self, url: str, token: str, *, cache_dir: str | Path | None = None, verify: bool | str | Path = True,
                  timeout: float = 30.0):
         self.url = url.rstrip("/")
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(self.url)
         limits = httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT_S))
+        if isinstance(verify, (str, Path)):  # a CA bundle: the server's self-signed certificate
+            verify = ssl.create_default_context(cafile=str(verify))
         self.client = httpx.Client(base_url=self.url + API, headers={"Authorization": f"Bearer {token}"},
                                    verify=verify, timeout=limits)
         self._index_lock = threading.Lock()
