@@ -1,6 +1,12 @@
 """Paper-derived one-line bugs (mutants), written from the papers and the method code only.
 
-Same structure as :mod:`bench.mutants`: ``MUTANTS[method] = [Mutant(file, old, new, why), ...]``.
+Issue 23 asked for bugs nobody had listed: these were written after the behaviour tests
+(``tests/backend/test_behaviour_*.py``) by a helper that read only the papers (DiffRect, Diff-CL, A&D) and the
+method code, never the tests, so they check the tests against the papers' rules rather than against a list the tests
+were fitted to.  Each method has its own bugs plus three in the shared scoring / review path.
+
+Same structure as :mod:`bench.mutants`: ``PAPER[method] = [Mutant(file, old, new, why), ...]``;
+:data:`bench.mutants.MUTANTS` numbers them after the listed ones.
 """
 from __future__ import annotations
 
