@@ -23,6 +23,7 @@ from backend.project import Project
 from backend.project.sample import copy_sample
 from backend.remote import (ConnectionRefused, Forbidden, HostNotFound, RemoteProject, RemoteTimeout, TLSFailure,
                             Unauthorized)
+from backend.review.corrections import flags, list_drafts, load_draft, save_draft
 from backend.review.queue import review_rows
 from helpers.orthanc import free_port
 from helpers.semiseg_server import SemisegServer
@@ -80,6 +81,11 @@ def test_cases_come_in_the_review_order_with_label_versions(server):
     assert {r["case"]: r["label_version"] for r in rows} == {c: project.label_version(c) for c in project.case_ids()}
     assert server.client("ann").labeled_cases() == project.labeled_cases()
     assert get(server, "/cases", params={"score": "nonsense"}).status_code == 422
+    ann = server.client("ann")
+    ann.flag_case("colin27_ch2better", reason="motion")
+    assert flags(project)["colin27_ch2better"]["user"] == "ann" and ann.flags() == {"colin27_ch2better": True}
+    ann.unflag_case("colin27_ch2better")
+    assert flags(project) == {} and not any(r["flagged"] for r in ann.review_rows())
 
 
 def test_image_has_a_content_etag_and_the_client_caches_it(server):
@@ -141,6 +147,30 @@ def test_put_label_with_if_match_and_a_stale_put_conflicts(server):
     assert project.is_labeled(new)
     with pytest.raises(LabelConflictError):
         other.accept(new, first, expected_version=None)
+
+
+def test_a_lost_connection_keeps_the_edit_as_a_local_draft(server, tmp_path):
+    project = Project.open(server.root)
+    case = "itk_kmeans_t1"
+    ann = server.client("ann")
+    version = ann.label_version(case)
+    edited = ann.read_label(case).array.copy()
+    edited[10:20, 10:20, 10:20] = 1
+    save_draft(ann, case, ann.image_geometry(case).like(edited), {"started_from": "accepted label"})
+    gone = RemoteProject(f"http://127.0.0.1:{free_port()}", server.tokens["ann"], cache_dir=ann.http.cache_dir)
+    with pytest.raises(ConnectionRefused):  # the server went away: the accept fails with one line ...
+        gone.accept(case, edited, expected_version=version)
+    volume, info = load_draft(gone, case)  # ... and the edit is still on this machine, offered again
+    assert np.array_equal(volume.array, edited) and info["started_from"] == "accepted label"
+    assert list_drafts(ann) == [case] and list_drafts(project) == []  # local only, nothing on the server
+    assert project.label_version(case) == version
+
+
+def test_the_client_does_not_import_torch():
+    """napari's process imports backend.remote; it must not load torch (nor must the server, to start fast)."""
+    code = "import sys, backend.remote, backend.server.app; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
 
 
 def test_case_ids_run_and_job_names_are_not_paths(server):
