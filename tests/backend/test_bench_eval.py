@@ -111,3 +111,25 @@ def test_ui_bench_times_a_real_viewer_and_a_training_job(tmp_path):
     assert int(idle[1]) == 2 and int(busy[1]) == 3  # 3 cases: the first shown on its own, then again with a job
     loaded, drawn = (float(v.split()[0]) for v in idle[2].split("/"))
     assert 0 < loaded <= drawn
+
+
+@pytest.mark.slow
+def test_review_scores_bench_ranks_every_score_for_every_method_on_held_out_cases(tmp_path):
+    """`python bench/review_loop.py` (its default mode): every review score, every SSL method, Spearman and hit
+    rate against the true Dice of the shipped models' pseudo labels on the held-out volumes."""
+    from backend.engine.scores import SCORES
+    from backend.review.queue import DEFAULT_SORT_SCORE
+
+    out = _bench("review_loop.py", "--slabs", "3", "--draws", "40", "--k", "3", "--out", str(tmp_path))
+    text = (tmp_path / "review_loop.md").read_text()
+    assert text.strip() in out and "avg152_t1, pydeface_mean" in text
+    for score in (*SCORES, "size"):
+        (row,) = _rows(text, f"`{score}`")
+        cells = row[2:5]  # diffrect, diffcl, genericssl
+        for cell in cells:
+            rho, hits, chance = re.fullmatch(r"([+-][0-9.]+) / ([0-9.]+) \(([0-9.]+)\)", cell).groups()
+            assert -1.0 <= float(rho) <= 1.0 and 0.0 <= float(hits) <= 1.0
+            assert float(chance) == pytest.approx(1 / 3, abs=0.2)  # k=3, ties aside
+        assert int(row[5]) >= 12  # 3 methods x 2 cases x the slabs that hold brain
+    best = re.search(r"Best measured \(highest worst-method Spearman\): `(\w+)`", text).group(1)
+    assert best in SCORES and f"sorts by `{DEFAULT_SORT_SCORE}` by default" in text
