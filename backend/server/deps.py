@@ -40,7 +40,3 @@ def known_case(case: str, project: Project = Depends(get_project)) -> str:
     if case not in project.case_ids():
         raise HTTPException(404, f"no case '{case}' in this project")
     return case
-
-
-def not_found(what: str) -> HTTPException:
-    return HTTPException(404, what)
