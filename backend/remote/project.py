@@ -35,7 +35,7 @@ class RemoteProject(RemoteJobs):
     ``verify``: True, False or a CA bundle path (a self-signed server certificate); ``timeout`` in seconds.
     """
 
-    def __init__(self, url: str, token: str, *, cache_dir: str | Path | None = None, verify: bool | str = True,
+    def __init__(self, url: str, token: str, *, cache_dir: str | Path | None = None, verify: bool | str | Path = True,
                  timeout: float = 30.0):
         self.http = Transport(url, token, cache_dir=cache_dir, verify=verify, timeout=timeout)
         self._info: dict[str, Any] | None = None
