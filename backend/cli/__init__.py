@@ -13,11 +13,11 @@ from backend.errors import InputError, JobBusyError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from backend.cli import engine, jobs, project
+    from backend.cli import dicom, engine, jobs, project
 
     parser = argparse.ArgumentParser(prog="semiseg", description="Semi-supervised segmentation review backend")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (project, engine, jobs):
+    for module in (project, engine, jobs, dicom):
         module.add_parsers(sub)
     from backend.cli import server
     server.add_parsers(sub)

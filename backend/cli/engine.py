@@ -124,7 +124,12 @@ def cmd_infer(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from backend.review.export import export
 
-    paths = export(args.project, args.dest, fmt=args.format, source=args.source, run=args.run)
+    if args.format == "dicom-seg":  # one DICOM Segmentation per DICOM-imported case (backend.dicom.seg)
+        from backend.dicom.seg import export_seg
+
+        paths = export_seg(args.project, args.dest, source=args.source, run=args.run, seg_type=args.seg_type)
+    else:
+        paths = export(args.project, args.dest, fmt=args.format, source=args.source, run=args.run)
     for path in paths:
         print(path)
     print(f"{len(paths)} files written to {args.dest}", file=sys.stderr)
@@ -180,11 +185,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cases", nargs="+", help="only these cases (default: every unlabeled case)")
     p.add_argument("--background", action="store_true", help="run as a background job and print its id")
 
-    p = sub.add_parser("export", help="export labels or a method's pseudo labels (.nii.gz, .nrrd, Slicer .seg.nrrd)")
+    p = sub.add_parser("export", help="export labels or pseudo labels (.nii.gz, .nrrd, Slicer .seg.nrrd, DICOM-SEG)")
     p.set_defaults(func=cmd_export)
     p.add_argument("project", type=Path)
     p.add_argument("dest", type=Path)
-    p.add_argument("--format", choices=["nii.gz", "nrrd", "seg.nrrd"], default="nii.gz")
+    p.add_argument("--format", choices=["nii.gz", "nrrd", "seg.nrrd", "dicom-seg"], default="nii.gz")
+    p.add_argument("--seg-type", choices=["binary", "labelmap"], default="binary",
+                   help="DICOM-SEG type of --format dicom-seg (default %(default)s)")
     p.add_argument("--source", default="labels", help="'labels' (the verified labels) or a method name")
     p.add_argument("--run", help="the method's inference run (default: the latest)")
 

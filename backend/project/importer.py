@@ -14,6 +14,10 @@ from backend.project.checks import check_case_name, check_image, check_label, ch
 from backend.io.volume import H5_SUFFIXES, SUPPORTED_SUFFIXES, h5_has_key, read_volume, strip_suffix, suffix_of
 
 IMAGE_TAGS = ("_0000", "_image", "_img")
+# Called in pass 1 for every DICOM series folder as ``hook(folder, image)`` (may refuse it with an InputError);
+# what it returns is called in pass 2 as ``write(project, case)`` once the case is added.  backend.dicom registers
+# the writer of its source-reference sidecar here when imported (the project floor does not import it).
+DICOM_HOOKS: list = []
 LABEL_TAGS = ("_label", "_labels", "_seg", "_mask", "_gt")
 
 
@@ -136,9 +140,12 @@ def init_project(root: str | Path, images: str | Path, labels: str | Path | None
     label_map = label_map or _infer_labels(sources)
 
     # Pass 1: read and validate everything; nothing is written yet.
+    after_add: dict[str, list] = {}
     for source in sources:
         image = read_volume(source.image)
         check_image(image, source.image)
+        if source.image.is_dir():
+            after_add[source.case] = [hook(source.image, image) for hook in DICOM_HOOKS]
         if source.label is not None:
             check_label(read_volume(source.label, key=source.label_key), image, label_map, source.label)
 
@@ -149,4 +156,6 @@ def init_project(root: str | Path, images: str | Path, labels: str | Path | None
         image = read_volume(source.image)
         label = read_volume(source.label, key=source.label_key) if source.label is not None else None
         project.add_case(source.case, image, label, source=source.image)
+        for write in after_add.get(source.case, []):
+            write(project, source.case)
     return project
