@@ -1,7 +1,7 @@
 """The review dock: go through the cases most doubtful first, compare the pseudo-label views of every method,
 correct one and accept it into the labeled set.
 
-The dock is four panels over one open case (``case``, ``image``, ``views``):
+The dock is five panels over one open case (``case``, ``image``, ``views``):
 
 * :class:`~napari_semiseg.review.queue.QueuePanel` (``queue.py``): run, *Sort by* and filter boxes, the case table,
   *Next case* / *Skip* / *Flag*;
@@ -10,7 +10,8 @@ The dock is four panels over one open case (``case``, ``image``, ``views``):
 * :class:`~napari_semiseg.review.views.ViewsPanel` (``views.py``): one view at a time, the disagreement outline and
   its per-slice profile;
 * :class:`~napari_semiseg.review.correction.CorrectionEditor` (``correction.py``): the correction layer, drafts,
-  accept (with its checks and the conflict question) and export.
+  accept (with its checks and the conflict question) and export;
+* :class:`~napari_semiseg.review.pacs.PacsPanel` (``pacs.py``): *Open from PACS* (DICOMweb, through the CLI).
 
 All file reading, voting and writing runs in napari ``thread_worker`` threads; the main thread only builds
 layers and widgets.  The logic lives in :mod:`backend.review`; this package is the Qt layer over it.
@@ -32,6 +33,7 @@ from napari_semiseg._state import alive
 from napari_semiseg.review.correction import ACCEPT_ANYWAY, CANCEL, CORRECTION, DISCARD, KEEP, OVERWRITE, \
     CorrectionEditor
 from napari_semiseg.review.loader import DISAGREEMENT, CaseLoader
+from napari_semiseg.review.pacs import PacsPanel
 from napari_semiseg.review.queue import FILTERS, QueuePanel
 from napari_semiseg.review.views import Legend, ViewsPanel
 
@@ -82,7 +84,8 @@ class ReviewDock(DockBase):
         self.queue = QueuePanel(self)
         self.legend_box = Legend()
         self.compare = ViewsPanel(self)
-        for widget in (self.queue, self.legend_box, self.compare, self.editor, self.status):
+        self.pacs = PacsPanel(self)  # Open from PACS (pacs.py)
+        for widget in (self.pacs, self.queue, self.legend_box, self.compare, self.editor, self.status):
             layout.addWidget(widget, stretch=1 if widget is self.queue else 0)
         # the widgets scripts and tests drive, under the names they have always had
         self.table, self.run_combo, self.filter_combo = self.queue.table, self.queue.run_combo, self.queue.filter_combo

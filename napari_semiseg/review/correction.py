@@ -25,6 +25,7 @@ from napari_semiseg import _state
 from napari_semiseg._dock import show_error, show_info
 from napari_semiseg._layers import geometry_metadata, label_colormap, layer_scale, set_if_changed
 from napari_semiseg._state import start_worker
+from napari_semiseg.review.pacs import DICOM_SEG, export_dicom_seg, has_dicom_cases
 
 if TYPE_CHECKING:
     from napari_semiseg.review import ReviewDock
@@ -90,6 +91,11 @@ class CorrectionEditor(QWidget):
         self.start_button.setEnabled(has_case and views)
         self.accept_button.setEnabled(has_case and (self.correction_layer is not None or views))
         self.export_button.setEnabled(has_project and not busy)
+        offered = self.export_format.findText(DICOM_SEG)  # DICOM-SEG only for a project with DICOM-imported cases
+        if has_dicom_cases(self.dock.project) and offered < 0:
+            self.export_format.addItem(DICOM_SEG)
+        elif offered >= 0 and not has_dicom_cases(self.dock.project):
+            self.export_format.removeItem(offered)
 
     # ---- the case -------------------------------------------------------------------------------------------
     def show_case(self, payload: dict[str, Any]) -> None:
@@ -281,6 +287,7 @@ class CorrectionEditor(QWidget):
         expected = {"expected_version": self._label_version} if check and self._version_known else {}
         start_worker(dock, _accept, dock.project, case, array, expected, source=self._start_source,
                      start=self._start, seconds=self.seconds_spent(),
+                     extra={"runs": dict(dock.selected_runs() or {})},  # the runs its views came from (DICOM-SEG)
                      on_done=lambda result: self._on_accepted(case, array, *result),
                      on_error=lambda exc: self._on_accept_failed(case, array, exc))
 
@@ -364,8 +371,13 @@ class CorrectionEditor(QWidget):
             dock._set_busy(False)
             show_error(f"Export failed: {exc}")
 
-        start_worker(dock, export, dock.project, Path(dest), fmt=self.export_format.currentText(), source=source,
-                     run=run, on_done=done, on_error=failed)
+        fmt = self.export_format.currentText()
+        if fmt == DICOM_SEG:  # through the CLI: the plugin does not import backend.dicom (review/pacs.py)
+            start_worker(dock, export_dicom_seg, dock.project, Path(dest), source=source, run=run, on_done=done,
+                         on_error=failed)
+            return
+        start_worker(dock, export, dock.project, Path(dest), fmt=fmt, source=source, run=run, on_done=done,
+                     on_error=failed)
 
 
 def _accept(project: Project, case: str, array: np.ndarray, check: dict[str, Any], **kwargs: Any
