@@ -56,6 +56,8 @@ def format_event(event: dict[str, Any]) -> str | None:
         return f"checkpoint at step {event['step']}: {event['path']}"
     if kind == "cancelled":
         return f"cancelled at step {event['step']} (checkpoint kept; continue with --run {event.get('run')} --resume)"
+    if kind == "preempted":  # a SLURM job at its time limit or preempted (backend.jobs.slurm): not the end
+        return f"stopped by the scheduler at step {event.get('step')} (checkpoint kept): requeued, it resumes there"
     if kind == "done":
         return f"done: run {event['run']}, {event['step']} steps" if "path" not in event else \
             f"done: run {event['run']}, {event['step']} cases, scores in {event['path']}"
@@ -68,13 +70,35 @@ def _print_event(event: dict[str, Any]) -> None:
         print(line, flush=True)
 
 
-def _start_background(project: Path, spec: dict[str, Any]) -> int:
-    """The hook into the jobs subsystem: spawn the job, print its id."""
-    from backend.jobs import start_job
-
-    job_id = start_job(project, spec)
+def _start_background(project: Path, spec: dict[str, Any], args: argparse.Namespace) -> int:
+    """The hook into the jobs subsystem: start the job on ``--backend`` (a local child, or a SLURM job through
+    submitit: backend.jobs.backends), print its id."""
+    backend = _backend(args)
+    job_id = backend.submit(project, spec)
     print(job_id)
+    if backend.name != "local":
+        from backend.jobs.store import JobPaths
+
+        record = JobPaths.existing(project, job_id).backend_record() or {}
+        print(f"{job_id}: SLURM job {record.get('scheduler_job')} ({record.get('gpus')} GPUs, {args.time or 60} min"
+              f"{', partition ' + args.partition if args.partition else ''}); follow it with: semiseg wait "
+              f"{project} {job_id}", file=sys.stderr)
     return 0
+
+
+def _backend(args: argparse.Namespace) -> Any:
+    """The job backend of --backend, --partition, --gpus, --time, --slurm-folder (checked before any work)."""
+    from backend.jobs.backends import get_backend
+
+    return get_backend(args.backend, partition=args.partition, gpus=args.gpus, time_min=args.time,
+                       folder=args.slurm_folder)
+
+
+def _nproc(args: argparse.Namespace) -> int:
+    """--nproc, else one process per --gpus on SLURM, else 1."""
+    if args.nproc is not None:
+        return args.nproc
+    return (args.gpus or 1) if args.backend == "slurm" else 1
 
 
 # ---- commands ------------------------------------------------------------------------------------------------
@@ -87,10 +111,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         from backend.project.runs import latest_run
 
         args.run = latest_run(project, args.method)
-    if args.background:
+    args.nproc = _nproc(args)
+    _backend(args)
+    if args.background or args.backend != "local":
         return _start_background(project.root, {
             "kind": "train", "method": args.method, "preset": preset, "steps": args.steps, "device": args.device,
-            "run": args.run, "resume": args.resume, "nproc": args.nproc})
+            "run": args.run, "resume": args.resume, "nproc": args.nproc}, args)
     if args.nproc > 1:
         from backend.engine.distributed import train_distributed
 
@@ -108,10 +134,11 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from backend.project import Project
 
     project = Project.open(args.project)
-    if args.background:
+    _backend(args)
+    if args.background or args.backend != "local":
         return _start_background(project.root, {
             "kind": "infer", "method": args.method, "preset": None, "steps": None, "device": args.device,
-            "run": args.run, "resume": False, "nproc": 1})
+            "run": args.run, "resume": False, "nproc": 1, **({"cases": args.cases} if args.cases else {})}, args)
     from backend.engine.inference import infer
 
     infer(project, args.method, run=args.run, device=args.device, cases=args.cases or None, on_event=_print_event,
@@ -152,6 +179,19 @@ def cmd_methods(args: argparse.Namespace) -> int:
 _METHODS_HELP = "method name (semiseg methods lists them)"
 
 
+def _add_backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=["local", "slurm"], default="local",
+                   help="where a background job runs: this machine, or a SLURM job through submitit (implies "
+                        "--background; the project folder must be on the filesystem the nodes share)")
+    p.add_argument("--partition", help="SLURM partition (default: the cluster's)")
+    p.add_argument("--gpus", type=int, help="SLURM: GPUs on the node (default: --nproc; 0 with --device cpu)")
+    p.add_argument("--time", type=int, metavar="MIN",
+                   help="SLURM: time limit in minutes (default 60); at the limit the job checkpoints and is "
+                        "requeued, resuming from that checkpoint")
+    p.add_argument("--slurm-folder", type=Path,
+                   help="submitit's folder (sbatch script, task log; default semiseg/jobs/<id>/submitit)")
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("methods", help="list the methods (built in, and found in $SEMISEG_METHODS_PATH) and presets")
     p.set_defaults(func=cmd_methods)
@@ -169,10 +209,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "DiffRect's rectification start) by steps / the preset's steps, so a shortened run is a "
                         "shortened paper run; with --resume it extends the run instead (schedules kept)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
-    p.add_argument("--nproc", type=int, default=1, help="data-parallel processes (torch.distributed)")
+    p.add_argument("--nproc", type=int,
+                   help="data-parallel processes (torch.distributed; default 1, on SLURM one per --gpus)")
     p.add_argument("--run", help="run name (new run), or the run to continue with --resume")
     p.add_argument("--resume", action="store_true", help="continue a run from its checkpoint (default: the latest)")
     p.add_argument("--background", action="store_true", help="run as a background job and print its id")
+    _add_backend_args(p)
 
     p = sub.add_parser("infer", help="write pseudo labels and agreement scores for the unlabeled cases")
     p.add_argument("project", type=Path)
@@ -184,6 +226,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--cases", nargs="+", help="only these cases (default: every unlabeled case)")
     p.add_argument("--background", action="store_true", help="run as a background job and print its id")
+    _add_backend_args(p)
 
     p = sub.add_parser("export", help="export labels or pseudo labels (.nii.gz, .nrrd, Slicer .seg.nrrd, DICOM-SEG)")
     p.set_defaults(func=cmd_export)

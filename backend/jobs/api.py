@@ -108,6 +108,12 @@ def cancel_job(project_root: str | Path, job_id: str) -> None:
     if status["state"] in FINAL_STATES:
         return
     paths.cancel.write_text(now_iso() + "\n")
+    record = paths.backend_record()
+    if record is not None:  # a scheduler's job: its backend stops it (scancel), the child sees ``cancel``
+        from backend.jobs.backends import backend_from_record
+
+        backend_from_record(record).stop(paths, status)
+        return
     # The child writes ``ready`` after installing its handler and reads ``cancel`` after writing ``ready``: either
     # it sees the file, or ``ready`` exists here and the signal is caught.
     if paths.ready.exists():
@@ -118,7 +124,19 @@ def cancel_job(project_root: str | Path, job_id: str) -> None:
 
 def resume_job(project_root: str | Path, job_id: str) -> str:
     """A new job that continues job ``job_id``'s run: training from the run's last checkpoint (``resume=True``),
-    inference by running it again.  Refused while the job is still running."""
+    inference by running it again, on the backend that ran it (local, or SLURM with the same resources).
+    Refused while the job is still running."""
+    new_spec = resume_spec(project_root, job_id)
+    record = JobPaths.existing(project_root, job_id).backend_record()
+    if record is not None:
+        from backend.jobs.backends import backend_from_record
+
+        return backend_from_record(record).submit(project_root, new_spec)
+    return start_job(project_root, new_spec)
+
+
+def resume_spec(project_root: str | Path, job_id: str) -> dict[str, Any]:
+    """The spec of the job that continues job ``job_id`` (see :func:`resume_job`)."""
     paths = JobPaths.existing(project_root, job_id)
     status = job_status(project_root, job_id)
     if status["state"] in ("queued", "running"):
@@ -136,7 +154,7 @@ def resume_job(project_root: str | Path, job_id: str) -> str:
         if not checkpoint.is_file():
             raise InputError(checkpoint, f"job {job_id} left no checkpoint to resume from; start a new job instead")
         new_spec["resume"] = True
-    return start_job(project_root, new_spec)
+    return new_spec
 
 
 def wait_job(project_root: str | Path, job_id: str, timeout: float | None = None,

@@ -5,6 +5,8 @@ It reads ``spec.json``, holds the job's locks, runs :func:`backend.engine.traini
 turns true on SIGTERM / SIGINT (CTRL_BREAK on Windows), and always ends with exactly one final event:
 
 * ``done`` (exit 0), ``cancelled`` (exit 0; training saved a checkpoint first),
+* ``preempted`` (exit 0) instead of ``cancelled`` when a scheduler stopped it (see :mod:`backend.jobs.slurm`): not
+  a final event, the scheduler requeues the job and it continues from this checkpoint,
 * ``error`` (exit 1; ``kind`` ``"oom"`` or ``"exception"``, the message and the traceback's tail), or
   ``error`` with ``kind`` ``"busy"`` (exit 3) when another training job holds the project.
 
@@ -136,6 +138,8 @@ def run_job(project_root: str | Path, job_id: str) -> int:
         if train_lock is not None:
             train_lock.release()
         if final is not None:
+            if final["type"] == "cancelled" and paths.stopped_by_scheduler():  # not final: requeued, resumes
+                final = {**final, "type": "preempted"}  # (backend.jobs.slurm)
             writer.emit(final)
             print(f"semiseg job {paths.id}: {final['type']}", file=sys.stderr, flush=True)
         writer.close()

@@ -92,7 +92,13 @@ def _summary(paths: JobPaths) -> dict[str, Any]:
 
 
 def process_alive(paths: JobPaths) -> bool:
-    """Whether the job's child process is still running (it may be past its final event, shutting down)."""
+    """Whether the job's child process is still running (it may be past its final event, shutting down).
+    A scheduler's job (``backend.json``) is asked of its scheduler: queued, running or requeued counts as alive."""
+    record = paths.backend_record()
+    if record is not None:
+        from backend.jobs.slurm import scheduler_alive
+
+        return scheduler_alive(paths, record)
     if not WINDOWS and paths.alive_lock.exists():
         return is_locked(paths.alive_lock)
     pid = paths.pid()
@@ -149,6 +155,7 @@ def status_of(paths: JobPaths) -> dict[str, Any]:
         "cancel_requested": paths.cancel.exists(),
         "last_event": summary["last_time"],
         "exit_code": EXIT_CODES.get(paths.id),  # known only in the process that started the job
+        "backend": (paths.backend_record() or {"backend": "local"})["backend"],
     }
 
 

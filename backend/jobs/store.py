@@ -11,6 +11,9 @@
     semiseg/jobs/<id>/launch.json     the child's process id (written by start_job)
     semiseg/jobs/<id>/ready           written by the child once a cancel signal would be caught
     semiseg/jobs/<id>/cancel          cancel asked for (read by a child that was still starting)
+    semiseg/jobs/<id>/backend.json    a scheduler's job only (backend.jobs.slurm): backend, cluster, scheduler job id,
+                                      resources; absent for the local runner
+    semiseg/jobs/<id>/task.json       a scheduler's job only: the task running it now (host, pid, attempt)
 
 Ids sort by creation time: ``<UTC yyyymmdd-hhmmss>-<kind>-<4 hex>``, e.g. ``20261122-031500-train-ab12``.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import re
 import secrets
 from pathlib import Path
@@ -33,6 +37,9 @@ DEFAULTS: dict[str, Any] = {"kind": "train", "method": None, "preset": "quick", 
                             "run": None, "resume": False, "nproc": 1, "overrides": None}
 # optional: "cases" (inference: only these cases; default every unlabeled one), "resumed_from" (set by resume_job)
 OPTIONAL = ("cases", "resumed_from")
+# Set by a scheduler's task (backend.jobs.slurm) for the job's child: a stop nobody asked for through cancel_job
+# (no ``cancel`` file) is the scheduler's (time limit, preemption) and ends in a non-final ``preempted`` event.
+SCHEDULED_ENV = "SEMISEG_JOB_SCHEDULED"
 
 
 def jobs_dir(project_root: str | Path) -> Path:
@@ -54,6 +61,8 @@ class JobPaths:
         self.launch = self.dir / "launch.json"
         self.ready = self.dir / "ready"
         self.cancel = self.dir / "cancel"
+        self.backend = self.dir / "backend.json"
+        self.task = self.dir / "task.json"
 
     @classmethod
     def existing(cls, project_root: str | Path, job_id: str) -> "JobPaths":
@@ -69,6 +78,22 @@ class JobPaths:
         if not isinstance(spec, dict):
             raise InputError(self.spec, "corrupt spec.json (not a JSON object)")
         return spec
+
+    def backend_record(self) -> dict[str, Any] | None:
+        """What ``backend.json`` says (a scheduler's job), or None for a job of the local runner."""
+        try:
+            record = json.loads(self.backend.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise InputError(self.backend, f"corrupt backend.json ({exc})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("backend"), str):
+            raise InputError(self.backend, "corrupt backend.json (no backend name)")
+        return record
+
+    def stopped_by_scheduler(self) -> bool:
+        """In the job's child: whether a stop is the scheduler's (time limit, preemption), not a cancel."""
+        return bool(os.environ.get(SCHEDULED_ENV)) and not self.cancel.exists()
 
     def pid(self) -> int | None:
         """The child's process id: the one it wrote itself, else the one start_job saw."""
