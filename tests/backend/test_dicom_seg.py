@@ -187,16 +187,18 @@ def test_series_with_a_missing_slice_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "project").exists()
 
 
-def test_mixed_series_in_one_folder_is_refused_in_one_line(tmp_path):
+def test_mixed_series_in_one_folder_is_refused_in_one_line_and_changes_nothing(tmp_path, mr):
+    project, _ = mr
     volume = read_volume(MR)
-    write_dicom_series(volume, tmp_path / "scans" / "case1")
+    write_dicom_series(volume, tmp_path / "scans" / "case2")
     write_dicom_series(Volume(volume.array[:30], volume.spacing, volume.origin), tmp_path / "other")
     for n, path in enumerate(sorted((tmp_path / "other").iterdir())):
-        shutil.copy(path, tmp_path / "scans" / "case1" / f"other{n}.dcm")
-    out = semiseg("init", tmp_path / "project", "--images", tmp_path / "scans")
+        shutil.copy(path, tmp_path / "scans" / "case2" / f"other{n}.dcm")
+    before = folder_hash(project.root)
+    out = semiseg("init", project.root, "--images", tmp_path / "scans")  # adding a case to the project
     assert out.returncode == 2
-    assert out.stderr.count("\n") == 1 and "mixed series: 2 DICOM series" in out.stderr and "case1" in out.stderr
-    assert not (tmp_path / "project").exists()
+    assert out.stderr.count("\n") == 1 and "mixed series: 2 DICOM series" in out.stderr and "case2" in out.stderr
+    assert folder_hash(project.root) == before and Project.open(project.root).case_ids() == ["case1"]
 
 
 def test_seg_of_another_frame_of_reference_is_refused_and_changes_nothing(tmp_path, mr):
