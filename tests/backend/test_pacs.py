@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +170,26 @@ def test_bearer_token_is_sent_and_a_refusal_is_one_line():
     assert out.returncode == 2 and out.stderr.count("\n") == 1
     assert "search failed: HTTP 401 (check --user/--token)" in out.stderr and url in out.stderr
     assert _Recorder.seen == ["Bearer tok-123"]
+
+
+def test_orthanc_dies_with_the_process_that_started_it(tmp_path):
+    """A test process killed outright (SIGKILL: no teardown) leaves no Orthanc behind (parent death signal)."""
+    code = ("import sys, time; from pathlib import Path; from helpers.orthanc import Orthanc; "
+            f"o = Orthanc(Path({str(tmp_path)!r})); print(o.process.pid, flush=True); time.sleep(120)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    pid = int(parent.stdout.readline())
+
+    def running() -> bool:  # a zombie (not reaped yet by whoever adopted it) has stopped too
+        stat = Path(f"/proc/{pid}/stat")
+        return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+    assert running()
+    parent.kill()
+    parent.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if running():
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail("Orthanc outlived the process that started it")
