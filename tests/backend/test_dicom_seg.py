@@ -18,7 +18,6 @@ from conftest import SAMPLE
 from helpers.dicom_series import write_dicom_series
 from helpers.fault_cases import folder_hash, semiseg
 
-import backend.dicom  # noqa: F401  (the importer's sidecar hook, as the CLI registers it)
 from backend.dicom.refs import read_refs
 from backend.dicom.seg import LABELMAP_SOP_CLASS, SEG_SOP_CLASS, case_seg
 from backend.io.volume import Volume, read_volume
