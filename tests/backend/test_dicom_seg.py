@@ -89,6 +89,8 @@ def _check_seg(seg_path: Path, series_folder: Path, label: np.ndarray, project: 
     value_of = {name: value for value, name in project.labels.items()}
     for number in seg.segment_numbers:
         lut[value_of[seg.get_segment_description(number).segment_label]] = number
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert [float(v) for v in measures.PixelSpacing] == [float(v) for v in first.PixelSpacing]  # row, column
     for frame in seg.PerFrameFunctionalGroupsSequence:  # each frame where a viewer draws it: on its source slice
         uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
         position = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
@@ -175,6 +177,31 @@ def test_real_ct_pseudo_label_is_an_automatic_seg_with_configured_codes(tmp_path
     algo = segment.SegmentationAlgorithmIdentificationSequence[0]
     assert (algo.AlgorithmName, algo.AlgorithmVersion) == ("genericssl", "3-tiny")
     assert segment.SegmentedPropertyTypeCodeSequence[0].CodeMeaning == "Mass"
+
+
+def test_synthetic_series_with_empty_slices_and_an_undrawn_label_round_trips(tmp_path):
+    """A synthetic scan: non-square slices, unequal row and column spacing, a tilted grid, slices without any label
+    (frames the SEG omits) and a declared label drawn nowhere; in-process (init_project, case_seg, accept_seg)."""
+    from backend.dicom.seg import accept_seg
+    from backend.project.importer import init_project
+
+    volume = Volume(np.random.default_rng(0).integers(0, 800, (9, 40, 25)).astype(np.int16), (0.9, 1.3, 3.0),
+                    (10.0, -20.0, 5.0), _rotation((0, 1, 1), 12.0))
+    write_dicom_series(volume, tmp_path / "scans" / "case1")
+    (tmp_path / "labels.json").write_text(json.dumps({"background": 0, "liver": 1, "lesion": 2, "CSF": 3}))
+    project = init_project(tmp_path / "project", tmp_path / "scans", labels_json=tmp_path / "labels.json")
+    label = np.zeros(volume.shape, np.uint8)
+    label[2:5, 5:30, 3:10] = 1
+    label[3, 10:12, 20:24] = 2
+    project.accept("case1", label, source="manual")
+    case_seg(project, "case1").save_as(tmp_path / "case1.seg.dcm")
+    _check_seg(tmp_path / "case1.seg.dcm", tmp_path / "scans" / "case1", label, project, SEG_SOP_CLASS)
+    seg = pydicom.dcmread(tmp_path / "case1.seg.dcm")
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["liver", "lesion", "CSF"]
+    assert seg.NumberOfFrames == 4  # liver on slices 2-4, lesion on slice 3: the empty frames are left out
+    project.accept("case1", np.zeros_like(label), source="manual")
+    accept_seg(project, "case1", tmp_path / "case1.seg.dcm")
+    assert np.array_equal(project.read_label("case1").array, label)
 
 
 def test_series_with_a_missing_slice_is_refused_in_one_line(tmp_path):
