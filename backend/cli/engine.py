@@ -73,7 +73,7 @@ def _print_event(event: dict[str, Any]) -> None:
 def _start_background(project: Path, spec: dict[str, Any], args: argparse.Namespace) -> int:
     """The hook into the jobs subsystem: start the job on ``--backend`` (a local child, or a SLURM job through
     submitit: backend.jobs.backends), print its id."""
-    backend = _backend(args)
+    backend = job_backend(args)
     job_id = backend.submit(project, spec)
     print(job_id)
     if backend.name != "local":
@@ -86,7 +86,7 @@ def _start_background(project: Path, spec: dict[str, Any], args: argparse.Namesp
     return 0
 
 
-def _backend(args: argparse.Namespace) -> Any:
+def job_backend(args: argparse.Namespace) -> Any:
     """The job backend of --backend, --partition, --gpus, --time, --slurm-folder (checked before any work)."""
     from backend.jobs.backends import get_backend
 
@@ -112,7 +112,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         args.run = latest_run(project, args.method)
     args.nproc = _nproc(args)
-    _backend(args)
+    job_backend(args)
     if args.background or args.backend != "local":
         return _start_background(project.root, {
             "kind": "train", "method": args.method, "preset": preset, "steps": args.steps, "device": args.device,
@@ -134,7 +134,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from backend.project import Project
 
     project = Project.open(args.project)
-    _backend(args)
+    job_backend(args)
     if args.background or args.backend != "local":
         return _start_background(project.root, {
             "kind": "infer", "method": args.method, "preset": None, "steps": None, "device": args.device,
@@ -179,10 +179,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
 _METHODS_HELP = "method name (semiseg methods lists them)"
 
 
-def _add_backend_args(p: argparse.ArgumentParser) -> None:
+def add_backend_args(p: argparse.ArgumentParser, what: str = "where a background job runs (slurm implies --background)"
+                     ) -> None:
+    """--backend, --partition, --gpus, --time, --slurm-folder: for train, infer and serve."""
     p.add_argument("--backend", choices=["local", "slurm"], default="local",
-                   help="where a background job runs: this machine, or a SLURM job through submitit (implies "
-                        "--background; the project folder must be on the filesystem the nodes share)")
+                   help=f"{what}: this machine, or a SLURM job through submitit (the project folder must be on "
+                        "the filesystem the nodes share)")
     p.add_argument("--partition", help="SLURM partition (default: the cluster's)")
     p.add_argument("--gpus", type=int, help="SLURM: GPUs on the node (default: --nproc; 0 with --device cpu)")
     p.add_argument("--time", type=int, metavar="MIN",
@@ -214,7 +216,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run", help="run name (new run), or the run to continue with --resume")
     p.add_argument("--resume", action="store_true", help="continue a run from its checkpoint (default: the latest)")
     p.add_argument("--background", action="store_true", help="run as a background job and print its id")
-    _add_backend_args(p)
+    add_backend_args(p)
 
     p = sub.add_parser("infer", help="write pseudo labels and agreement scores for the unlabeled cases")
     p.add_argument("project", type=Path)
@@ -226,7 +228,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--cases", nargs="+", help="only these cases (default: every unlabeled case)")
     p.add_argument("--background", action="store_true", help="run as a background job and print its id")
-    _add_backend_args(p)
+    add_backend_args(p)
 
     p = sub.add_parser("export", help="export labels or pseudo labels (.nii.gz, .nrrd, Slicer .seg.nrrd, DICOM-SEG)")
     p.set_defaults(func=cmd_export)

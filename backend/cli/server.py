@@ -6,10 +6,11 @@ from pathlib import Path
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from backend.cli.engine import job_backend
     from backend.server import serve
 
     serve(args.project, host=args.host, port=args.port, tokens=args.tokens, tls_cert=args.tls_cert,
-          tls_key=args.tls_key, log_level=args.log_level)
+          tls_key=args.tls_key, log_level=args.log_level, job_backend=job_backend(args))
     return 0
 
 
@@ -35,6 +36,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    from backend.cli.engine import add_backend_args
     from backend.server import DEFAULT_HOST, DEFAULT_PORT
 
     p = sub.add_parser("serve", help="serve a project over HTTP for remote review and training (loopback by default)")
@@ -47,6 +49,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-cert", type=Path, help="PEM certificate: serve HTTPS")
     p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_backend_args(p, "where the jobs that clients start run")
 
     p = sub.add_parser("token", help="add, remove or list the users who may use 'semiseg serve'")
     p.set_defaults(func=cmd_token)

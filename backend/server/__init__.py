@@ -34,8 +34,9 @@ def is_loopback(host: str) -> bool:
 
 def serve(project_root: str | Path, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
           tokens: str | Path | None = None, tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
-          log_level: str = "info") -> None:
-    """Run the server until interrupted (blocking)."""
+          log_level: str = "info", job_backend=None) -> None:
+    """Run the server until interrupted (blocking); the jobs clients start go to ``job_backend``
+    (:mod:`backend.jobs.backends`; default: this machine)."""
     import uvicorn
 
     from backend.server.app import create_app
@@ -50,7 +51,7 @@ def serve(project_root: str | Path, *, host: str = DEFAULT_HOST, port: int = DEF
     for path in (tls_cert, tls_key):
         if path is not None and not Path(path).is_file():
             raise InputError(path, "no such file")
-    app = create_app(project_root, tokens)
+    app = create_app(project_root, tokens, job_backend)
     scheme = "https" if tls_cert else "http"
     if not is_loopback(host) and tls_cert is None:
         print(f"semiseg serve: warning: listening on {host} without TLS: tokens and images cross the network in "

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Body, Depends, HTTPException, Request
 from fastapi.responses import StreamingResponse
 
 from backend.errors import InputError
-from backend.jobs import cancel_job, job_status, list_jobs, read_events, resume_job, start_job
+from backend.jobs import cancel_job, job_status, list_jobs, read_events, resume_job
 from backend.jobs.store import JobPaths
 from backend.project import Project
 from backend.server.auth import User
@@ -32,11 +32,12 @@ def jobs(project: Project = Depends(get_project), user: User = Depends(require("
 
 
 @router.post("/jobs", status_code=201)
-def start(spec: dict[str, Any] = Body(...), project: Project = Depends(get_project),
+def start(request: Request, spec: dict[str, Any] = Body(...), project: Project = Depends(get_project),
           user: User = Depends(require("train"))) -> dict[str, Any]:
     """Start a job from its spec (``kind`` train|infer, ``method``, ``preset``, ``steps``, ``device``, ``nproc``,
-    ...: :data:`backend.jobs.store.DEFAULTS`); 409 while another training job runs."""
-    job_id = start_job(project.root, spec)
+    ...: :data:`backend.jobs.store.DEFAULTS`) on the server's job backend (``serve --backend``: this machine or
+    SLURM); 409 while another training job runs."""
+    job_id = request.app.state.job_backend.submit(project.root, spec)
     return job_status(project.root, job_id)
 
 

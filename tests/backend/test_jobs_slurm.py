@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import stat
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from helpers.fake_slurm import install_fake_slurm
 
 from backend.cli import main as cli_main
 from backend.jobs import job_status, list_jobs, read_events, wait_job
@@ -166,32 +167,9 @@ def test_checkpoint_resubmits_only_a_job_that_is_not_over(brain_project, tmp_pat
 
 
 # ---- SLURM: the submission, with a fake sbatch -----------------------------------------------------------------
-FAKES = {
-    "sbatch": """#!/bin/sh
-cp "$1" "$SLURM_FAKE/script.sh"
-if grep -q 'partition=nope' "$1"; then echo "sbatch: error: invalid partition specified: nope" >&2; exit 1; fi
-echo "Submitted batch job 4242"
-""",
-    "srun": "#!/bin/sh\nexit 0\n",
-    "sacct": """#!/bin/sh
-echo "$@" >> "$SLURM_FAKE/sacct.calls"
-printf 'JobID|State|NodeList\\n4242|%s|\\n' "$(cat "$SLURM_FAKE/state")"
-""",
-    "scancel": "#!/bin/sh\necho \"$@\" >> \"$SLURM_FAKE/scancel.calls\"\necho CANCELLED > \"$SLURM_FAKE/state\"\n",
-}
-
-
 @pytest.fixture
 def fake_slurm(tmp_path, monkeypatch):
-    bin_dir, record = tmp_path / "bin", tmp_path / "slurm"
-    bin_dir.mkdir()
-    record.mkdir()
-    for name, text in FAKES.items():
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(stat.S_IRWXU)
-    (record / "state").write_text("PENDING\n")
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("SLURM_FAKE", str(record))
+    record = install_fake_slurm(tmp_path, monkeypatch)
     monkeypatch.setattr(slurm_module, "_WATCHER", None)
     return record
 
