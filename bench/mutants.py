@@ -323,6 +323,16 @@ DIFFCL.append(Mutant("backend/review/queue.py", "min(values) if values else 2.0"
 LISTED: dict[str, list[Mutant]] = {"diffrect": DIFFRECT, "diffcl": DIFFCL, "genericssl": GENERICSSL}
 
 
+def source(method: str, mutant: Mutant) -> str:
+    """Which set a mutant comes from: ``listed`` (this file), ``issue 23`` (the three bugs the issue quotes) or
+    ``paper`` (:mod:`bench.mutants_paper`, written from the papers by someone who had not read the tests)."""
+    from bench.mutants_paper import PAPER
+
+    if mutant in PAPER.get(method, []):
+        return "paper"
+    return "issue 23" if mutant.why.endswith("(issue 23)") else "listed"
+
+
 def _all_mutants() -> dict[str, list[Mutant]]:
     """The listed mutants of each method, then the paper-derived ones (:mod:`bench.mutants_paper`), numbered on."""
     from bench.mutants_paper import PAPER
@@ -415,8 +425,12 @@ def report(outcomes: list[Outcome], methods: list[str]) -> str:
     from bench.common import machine_lines
 
     lines = ["# Mutation check of the method tests", "", *machine_lines("cpu"),
-             "- a mutant is caught when the method's fast tests fail (or time out) with it applied", "",
-             "| method | mutants | caught | missed | stale | fast tests (baseline s) |", "|---|---|---|---|---|---|"]
+             "- a mutant is caught when the method's fast tests fail (or time out) with it applied",
+             "- set: listed (bench/mutants.py), issue 23 (the three bugs the issue quotes), paper "
+             "(bench/mutants_paper.py, written from the papers by a helper that had not read the tests)",
+             "- fast tests: the method's FAST_TESTS on one thread (OMP_NUM_THREADS=1), run beside the mutants", "",
+             "| method | mutants | caught | missed | stale | caught per set | fast tests (baseline s) |",
+             "|---|---|---|---|---|---|---|"]
     for method in methods:
         rows = [o for o in outcomes if o.method == method and o.index > 0]
         base = next((o for o in outcomes if o.method == method and o.index == 0), None)
@@ -424,14 +438,21 @@ def report(outcomes: list[Outcome], methods: list[str]) -> str:
         missed = sum(o.status == "missed" for o in rows)
         stale = sum(o.status == "stale" for o in rows)
         base_s = f"{base.seconds:.0f} ({base.status})" if base else "-"
-        lines.append(f"| {method} | {len(MUTANTS[method])} | {caught} | {missed} | {stale} | {base_s} |")
-    lines += ["", "| method | # | result | s | mutant (file: why) |", "|---|---|---|---|---|"]
+        sets = {}
+        for o in rows:
+            got = sets.setdefault(source(method, MUTANTS[method][o.index - 1]), [0, 0])
+            got[0] += o.status in ("caught", "timeout")
+            got[1] += 1
+        per_set = ", ".join(f"{name} {a}/{b}" for name, (a, b) in sets.items())
+        lines.append(f"| {method} | {len(MUTANTS[method])} | {caught} | {missed} | {stale} | {per_set} | {base_s} |")
+    lines += ["", "| method | # | set | result | s | mutant (file: why) |", "|---|---|---|---|---|---|"]
     for o in sorted(outcomes, key=lambda o: (methods.index(o.method), o.index)):
         if o.index == 0:
             continue
         m = MUTANTS[o.method][o.index - 1]
         note = f" ({o.detail})" if o.status in ("stale", "missed") and o.detail else ""
-        lines.append(f"| {o.method} | {o.index} | {o.status} | {o.seconds:.0f} | `{m.file}`: {m.why}{note} |")
+        lines.append(f"| {o.method} | {o.index} | {source(o.method, m)} | {o.status} | {o.seconds:.0f} | "
+                     f"`{m.file}`: {m.why}{note} |")
     return "\n".join(lines) + "\n"
 
 
