@@ -11,7 +11,6 @@ import json
 import os
 from pathlib import Path
 
-import backend.dicom  # noqa: F401  (registers the importer's sidecar hook)
 from backend.errors import InputError
 
 

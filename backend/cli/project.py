@@ -9,9 +9,11 @@ from backend.review.queue import DEFAULT_SORT_SCORE, SORT_SCORES
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from backend.dicom import sidecar_hook
     from backend.project.importer import init_project
 
-    project = init_project(args.project, args.images, args.labels, args.labels_json, args.modality)
+    project = init_project(args.project, args.images, args.labels, args.labels_json, args.modality,
+                           series_hook=sidecar_hook)
     print(f"{project.root}: {len(project.case_ids())} cases, {len(project.labeled_cases())} labeled")
     return 0
 

@@ -1,9 +1,9 @@
 """DICOM round trip: source references of imported series, DICOM-SEG export/import, a DICOMweb PACS datastore.
 
-The project floor cannot import this package (it sits above it), so importing it registers the writer of the
-source sidecar on :data:`backend.project.importer.DICOM_HOOKS`: every DICOM series ``init_project`` imports then
-gets ``semiseg/dicom/<case>.json`` (:mod:`backend.dicom.refs`).  The CLI imports it when it builds its parser,
-:func:`backend.dicom.pacs.pull` before it imports; DICOM-SEG export is :func:`backend.dicom.seg.export_seg`
+The project floor cannot import this package (it sits above it), so the callers of
+:func:`backend.project.importer.init_project` (``semiseg init``, :func:`backend.dicom.pacs.pull`) pass
+:func:`sidecar_hook`: every DICOM series imported then gets ``semiseg/dicom/<case>.json``
+(:mod:`backend.dicom.refs`).  DICOM-SEG export is :func:`backend.dicom.seg.export_seg`
 (``semiseg export --format dicom-seg``).
 """
 from __future__ import annotations
@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from backend.io.volume import Volume
-from backend.project import importer as _importer
 
 
 def sidecar_hook(folder: Path, image: Volume) -> Callable[[Any, str], Path]:
@@ -22,7 +21,3 @@ def sidecar_hook(folder: Path, image: Volume) -> Callable[[Any, str], Path]:
 
     refs = series_refs(folder, image)
     return lambda project, case: write_refs(project, case, refs)
-
-
-if sidecar_hook not in _importer.DICOM_HOOKS:
-    _importer.DICOM_HOOKS.append(sidecar_hook)

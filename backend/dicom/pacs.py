@@ -122,7 +122,7 @@ def pull(pacs, url: str, project_dir: str | Path, series: list[str], *, labels_j
     case per series; a series the project already holds is not retrieved again.  Returns the project and
     ``{case: series UID}`` of every series asked for.  Everything is downloaded and validated (missing slices,
     mixed series, ...) before the project is touched."""
-    import backend.dicom  # noqa: F401  (registers the importer's sidecar hook)
+    from backend.dicom import sidecar_hook
     from backend.project.importer import init_project
 
     project_dir = Path(project_dir)
@@ -149,7 +149,8 @@ def pull(pacs, url: str, project_dir: str | Path, series: list[str], *, labels_j
                 ds.save_as(folder / f"{n:05d}.dcm", enforce_file_format=True)
             cases[case] = uid
         try:
-            project = init_project(project_dir, tmp, labels_json=labels_json, modality=modality)
+            project = init_project(project_dir, tmp, labels_json=labels_json, modality=modality,
+                                   series_hook=sidecar_hook)
         except InputError as exc:  # name the series on the PACS, not the temporary folder it was read from
             path = Path(exc.path or tmp)
             case = path.relative_to(tmp).parts[0] if path.is_relative_to(tmp) and path != Path(tmp) else None

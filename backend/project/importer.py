@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from backend.errors import InputError
 from backend.project import Project
@@ -14,10 +15,6 @@ from backend.project.checks import check_case_name, check_image, check_label, ch
 from backend.io.volume import H5_SUFFIXES, SUPPORTED_SUFFIXES, h5_has_key, read_volume, strip_suffix, suffix_of
 
 IMAGE_TAGS = ("_0000", "_image", "_img")
-# Called in pass 1 for every DICOM series folder as ``hook(folder, image)`` (may refuse it with an InputError);
-# what it returns is called in pass 2 as ``write(project, case)`` once the case is added.  backend.dicom registers
-# the writer of its source-reference sidecar here when imported (the project floor does not import it).
-DICOM_HOOKS: list = []
 LABEL_TAGS = ("_label", "_labels", "_seg", "_mask", "_gt")
 
 
@@ -115,8 +112,14 @@ def _infer_labels(sources: list[CaseSource]) -> dict[int, str]:
 
 
 def init_project(root: str | Path, images: str | Path, labels: str | Path | None = None,
-                 labels_json: str | Path | None = None, modality: str | None = None) -> Project:
-    """Create (or extend) the project at ``root`` from a folder of scans; see module docstring."""
+                 labels_json: str | Path | None = None, modality: str | None = None,
+                 series_hook: Callable[[Path, Any], Callable[[Project, str], Any]] | None = None) -> Project:
+    """Create (or extend) the project at ``root`` from a folder of scans; see module docstring.
+
+    ``series_hook(folder, image)`` runs in pass 1 for every DICOM series folder (it may refuse the series with an
+    InputError before anything is written); what it returns runs in pass 2 as ``write(project, case)`` once the case
+    is added.  The CLI and the PACS pull pass :func:`backend.dicom.sidecar_hook` (the source-reference sidecar; this
+    floor does not import backend.dicom)."""
     root = Path(root)
     sources, dataset = discover(Path(images), Path(labels) if labels else None)
     if labels_json:
@@ -140,12 +143,12 @@ def init_project(root: str | Path, images: str | Path, labels: str | Path | None
     label_map = label_map or _infer_labels(sources)
 
     # Pass 1: read and validate everything; nothing is written yet.
-    after_add: dict[str, list] = {}
+    after_add: dict[str, Callable[[Project, str], Any]] = {}
     for source in sources:
         image = read_volume(source.image)
         check_image(image, source.image)
-        if source.image.is_dir():
-            after_add[source.case] = [hook(source.image, image) for hook in DICOM_HOOKS]
+        if series_hook is not None and source.image.is_dir():
+            after_add[source.case] = series_hook(source.image, image)
         if source.label is not None:
             check_label(read_volume(source.label, key=source.label_key), image, label_map, source.label)
 
@@ -156,6 +159,6 @@ def init_project(root: str | Path, images: str | Path, labels: str | Path | None
         image = read_volume(source.image)
         label = read_volume(source.label, key=source.label_key) if source.label is not None else None
         project.add_case(source.case, image, label, source=source.image)
-        for write in after_add.get(source.case, []):
-            write(project, source.case)
+        if source.case in after_add:
+            after_add[source.case](project, source.case)
     return project

@@ -183,13 +183,15 @@ def test_synthetic_series_with_empty_slices_and_an_undrawn_label_round_trips(tmp
     """A synthetic scan: non-square slices, unequal row and column spacing, a tilted grid, slices without any label
     (frames the SEG omits) and a declared label drawn nowhere; in-process (init_project, case_seg, accept_seg)."""
     from backend.dicom.seg import accept_seg
+    from backend.dicom import sidecar_hook
     from backend.project.importer import init_project
 
     volume = Volume(np.random.default_rng(0).integers(0, 800, (9, 40, 25)).astype(np.int16), (0.9, 1.3, 3.0),
                     (10.0, -20.0, 5.0), _rotation((0, 1, 1), 12.0))
     write_dicom_series(volume, tmp_path / "scans" / "case1")
     (tmp_path / "labels.json").write_text(json.dumps({"background": 0, "liver": 1, "lesion": 2, "CSF": 3}))
-    project = init_project(tmp_path / "project", tmp_path / "scans", labels_json=tmp_path / "labels.json")
+    project = init_project(tmp_path / "project", tmp_path / "scans", labels_json=tmp_path / "labels.json",
+                           series_hook=sidecar_hook)
     label = np.zeros(volume.shape, np.uint8)
     label[2:5, 5:30, 3:10] = 1
     label[3, 10:12, 20:24] = 2
