@@ -1,5 +1,7 @@
-"""What the docks of one viewer share: the open project and signals when its contents change, plus two small
-Qt helpers (a question box that tests can replace, and starting a napari ``thread_worker``)."""
+"""What the docks of one viewer share: the open project and signals when its contents change, the jobs of that
+project through one adapter (:meth:`ProjectState.jobs`: :mod:`backend.jobs` on a local folder, the server's client
+for a project mirrored from ``semiseg serve``), plus two small Qt helpers (a question box that tests can replace,
+and starting a napari ``thread_worker``)."""
 from __future__ import annotations
 
 import weakref
@@ -32,11 +34,68 @@ class ProjectState(QObject):
             state = _STATES[viewer] = cls()
         return state
 
+    def is_remote(self) -> bool:
+        """Whether the open project is a server's (:class:`backend.remote.mirror.MirrorProject`): every call that
+        reaches it goes through a worker thread."""
+        return getattr(self.project, "remote", None) is not None
+
+    def jobs(self) -> Any:
+        """The open project's jobs: ``start_job(spec)``, ``list_jobs()``, ``job_status(id)``, ``read_events(id,
+        offset)``, ``cancel_job(id)``, ``resume_job(id)`` (None without a project)."""
+        if self.project is None:
+            return None
+        remote = getattr(self.project, "remote", None)
+        return remote if remote is not None else LocalJobs(self.project.root)
+
+    def after_sync(self, owner: Any, then: Callable[[], None]) -> None:
+        """Run ``then`` once the open project is current: at once for a folder; for a server's, after fetching
+        its tables in a worker (a failure is shown, ``then`` runs on the last copy)."""
+        project = self.project
+        if getattr(project, "sync", None) is None:
+            then()
+            return
+
+        def done(_result: Any = None) -> None:
+            if project is self.project:
+                then()
+        start_worker(owner, project.sync, on_done=done, on_error=lambda exc: (_notify_error(exc), done()))
+
     def set_project(self, project: Project | None) -> None:
         same = (project is not None and self.project is not None and project.root == self.project.root)
         self.project = project
         if not same:
             self.project_changed.emit(project)
+
+
+class LocalJobs:
+    """:mod:`backend.jobs` on the project folder ``root``, under the names of the server's client."""
+
+    def __init__(self, root: Any):
+        self.root = root
+
+    def start_job(self, spec: dict[str, Any]) -> str:
+        from backend.jobs import start_job
+        return start_job(self.root, spec)
+
+    def list_jobs(self) -> list[dict[str, Any]]:
+        from backend.jobs import list_jobs
+        return list_jobs(self.root)
+
+    def job_status(self, job_id: str) -> dict[str, Any]:
+        from backend.jobs import job_status
+        return job_status(self.root, job_id)
+
+    def read_events(self, job_id: str, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+        from backend.jobs import read_events
+        return read_events(self.root, job_id, offset)
+
+    def cancel_job(self, job_id: str) -> None:
+        from backend.jobs import cancel_job
+        cancel_job(self.root, job_id)
+
+    def resume_job(self, job_id: str) -> str:
+        from backend.jobs import resume_job
+        return resume_job(self.root, job_id)
 
 
 def ask(parent: QWidget | None, title: str, text: str, buttons: list[str], default: str | None = None) -> str:

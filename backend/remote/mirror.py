@@ -121,7 +121,7 @@ class MirrorProject(Project):
                 models.setdefault(row["method"], []).append(row["run"])
             self._prune(self.semiseg / "models", models, keep="run.json")
             flagged = {row["case"] for row in rows if row.get("flagged")}
-            _write_json_if_changed(flags_path(self), {case: {"reason": "", "via": "server"} for case in sorted(flagged)})
+            _write_json_if_changed(flags_path(self), {c: {"reason": "", "via": "server"} for c in sorted(flagged)})
             self._server_flags = flagged
             self._rows = rows
         return self
@@ -143,7 +143,7 @@ class MirrorProject(Project):
             if folder.name not in keep_runs.get(folder.parent.name, []):
                 shutil.rmtree(folder, ignore_errors=True)
 
-    # ---- cases, from the last sync ------------------------------------------------------------------------------------
+    # ---- cases, from the last sync -----------------------------------------------------------------------------------
     def _row(self, case: str) -> dict[str, Any]:
         for row in self._rows:
             if row["case"] == case:
@@ -169,7 +169,7 @@ class MirrorProject(Project):
     def case_table(self) -> list[dict[str, Any]]:
         return [{**{k: v for k, v in row.items() if k not in ("flagged", "draft")}, "scores": {}} for row in self._rows]
 
-    # ---- reads that need the server (worker threads) ------------------------------------------------------------------
+    # ---- reads that need the server (worker threads) -----------------------------------------------------------------
     def label_version(self, case: str) -> str | None:
         return self.remote.label_version(case)
 
@@ -207,7 +207,7 @@ class MirrorProject(Project):
         volume, _version = self.remote.read_label_versioned(case)
         return volume
 
-    # ---- writes go to the server --------------------------------------------------------------------------------------
+    # ---- writes go to the server -------------------------------------------------------------------------------------
     def accept(self, case: str, label: Volume | np.ndarray, *, source: str = "manual", user: str | None = None,
                label_file: str | Path | None = None, extra: dict[str, Any] | None = None,
                expected_version: str | None | object = ANY) -> dict[str, Any]:

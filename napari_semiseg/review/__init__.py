@@ -30,6 +30,7 @@ from backend.io.volume import Volume
 from backend.project import Project
 from napari_semiseg._dock import DockBase, show_error
 from napari_semiseg._state import alive
+from napari_semiseg.review.connect import ConnectPanel
 from napari_semiseg.review.correction import ACCEPT_ANYWAY, CANCEL, CORRECTION, DISCARD, KEEP, OVERWRITE, \
     CorrectionEditor
 from napari_semiseg.review.loader import DISAGREEMENT, CaseLoader
@@ -77,6 +78,8 @@ class ReviewDock(DockBase):
         for widget in (self.open_button, self.sample_combo, self.sample_button):
             top.addWidget(widget)
         layout.addLayout(top)
+        self.connection = ConnectPanel(self)  # Project folder / Server URL + token (connect.py)
+        layout.addWidget(self.connection)
         self.project_label = QLabel("No project open")
         self.project_label.setWordWrap(True)
         layout.addWidget(self.project_label)
@@ -159,6 +162,10 @@ class ReviewDock(DockBase):
         except InputError as exc:
             show_error(str(exc))
             return None
+        return self.use_project(project)
+
+    def use_project(self, project: Project) -> Project:
+        """Open ``project`` (a folder's, or a server's mirror) in the docks of this viewer."""
         current = self.state.project
         if current is not None and current.root == project.root:
             self.state.project = project  # the same folder again: re-read it, keep the open case
@@ -195,8 +202,8 @@ class ReviewDock(DockBase):
 
     # ---- the queue -------------------------------------------------------------------------------------------
     def refresh(self) -> None:
-        """Re-read the case table (off the main thread) and redraw it."""
-        self.queue.refresh(self.project)
+        """Re-read the case table (off the main thread; a server's project is fetched first) and redraw it."""
+        self.state.after_sync(self, lambda: self.queue.refresh(self.project))
 
     def selected_runs(self) -> dict[str, str] | None:
         return self.queue.selected_runs()

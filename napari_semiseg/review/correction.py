@@ -17,7 +17,7 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QCheckBox, QComboBox, QGridLayout, QGroupBox, QHBoxLayout, QLabel, QPushButton, \
     QVBoxLayout, QWidget
 
-from backend.errors import LabelConflictError
+from backend.errors import InputError, LabelConflictError
 from backend.project import Project
 from backend.review.corrections import accept_correction, accept_warnings, discard_draft, save_draft
 from backend.review.views import MAJORITY, majority_vote
@@ -297,6 +297,9 @@ class CorrectionEditor(QWidget):
             self._on_conflict(case, array, exc)
             return
         show_error(f"Not accepted: {exc}")
+        if not isinstance(exc, InputError) and case == self.dock.case:  # not the label's fault: a lost server,
+            self.save_draft(wait=True, force=True)  # a full disk; the correction stays here and as a draft
+            self.dock._say(f"{case}: not accepted ({exc}); your correction is kept as a draft")
 
     def _on_conflict(self, case: str, array: np.ndarray, exc: BaseException) -> None:
         """The label changed on disk since the case was opened: overwrite it, or keep the correction as a draft

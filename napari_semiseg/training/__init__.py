@@ -88,8 +88,8 @@ class TrainingDock(DockBase):
         self.model_list.method_picked.connect(self._select_method)
         self._update_buttons()
         self.state.project_changed.connect(self._on_project_changed)
-        self.state.labels_changed.connect(lambda _case: self.model_list.refresh())
-        self.state.models_changed.connect(self.model_list.refresh)
+        self.state.labels_changed.connect(lambda _case: self.refresh_models())
+        self.state.models_changed.connect(self.refresh_models)
         form.load_choices()
         self._on_project_changed(self.state.project)
 
@@ -150,20 +150,33 @@ class TrainingDock(DockBase):
 
     def _on_project_changed(self, project: Project | None) -> None:
         self.monitor.stop()
-        self.project_label.setText("No project open" if project is None else f"{project.name}\n{project.root}")
+        where = getattr(project, "server", None) or getattr(project, "root", "")
+        self.project_label.setText("No project open" if project is None else f"{project.name}\n{where}")
         self.model_list.set_project(project)
         if project is not None:
             self._attach_running_job(project)
+        self.monitor.refresh_jobs()
         self._update_buttons()
 
-    def _attach_running_job(self, project: Project) -> None:
-        """Follow a job that is already running on the project (started earlier or from the CLI)."""
-        from backend.jobs import list_jobs
+    def refresh_models(self) -> None:
+        """Re-read the runs (a server's project: after fetching its run table in a worker)."""
+        self.state.after_sync(self, self.model_list.refresh)
 
-        for job in list_jobs(project.root):
-            if job["state"] in ("queued", "running"):
-                self.follow(job["id"], job.get("kind"))
+    def _attach_running_job(self, project: Project) -> None:
+        """Follow a job that is already running on the project (started earlier, from the CLI or another client;
+        a server's job list is read in a worker)."""
+        def attach(jobs: list[dict[str, Any]]) -> None:
+            if project is not self.state.project or self.is_running():
                 return
+            for job in jobs:
+                if job["state"] in ("queued", "running"):
+                    self.follow(job["id"], job.get("kind"))
+                    return
+
+        if self.state.is_remote():
+            _state.start_worker(self, self.state.jobs().list_jobs, on_done=attach)
+        else:
+            attach(self.state.jobs().list_jobs())
 
     # ---- jobs -----------------------------------------------------------------------------------------------------
     def inference_run(self, method: str) -> tuple[str | None, str]:
@@ -194,13 +207,17 @@ class TrainingDock(DockBase):
         return self._start(self.spec("infer"))
 
     def _start(self, spec: dict[str, Any]) -> str | None:
-        from backend.jobs import start_job
-
-        project = self.state.project
-        if project is None or not spec.get("method"):
+        """Start the job and follow it; its id (for a server's project None: the request runs in a worker and the
+        job is followed when the server answers, ``job_started`` says its id)."""
+        jobs = self.state.jobs()
+        if jobs is None or not spec.get("method"):
+            return None
+        if self.state.is_remote():
+            _state.start_worker(self, jobs.start_job, spec, on_done=lambda job_id: self.follow(job_id, spec["kind"]),
+                                on_error=lambda exc: show_error(str(exc)))
             return None
         try:
-            job_id = start_job(project.root, spec)
+            job_id = jobs.start_job(spec)
         except (JobBusyError, InputError, ValueError) as exc:
             show_error(str(exc))
             return None

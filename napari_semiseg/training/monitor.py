@@ -1,5 +1,6 @@
 """The job monitor: follows one job of the project through its event stream (``semiseg/jobs/<id>/events.jsonl``,
-read incrementally every 250 ms by a ``QTimer``, one small file read each), shows its progress and ETA, up to four
+read incrementally every 250 ms by a ``QTimer``, one small file read each, or for a server's project one request in
+a worker thread), shows its progress and ETA, up to four
 loss curves, the validation Dice (on held-out labeled cases) and DiffRect's calibration Dice (``tau_l``, ``tau_u``
 of its eq. 6) apart; *Cancel* and *Resume*."""
 from __future__ import annotations
@@ -13,6 +14,7 @@ from backend.errors import InputError, JobBusyError
 from backend.text import format_duration
 from napari_semiseg._dock import show_error, show_info
 from napari_semiseg._plot import CurvePlot
+from napari_semiseg._state import start_worker
 
 if TYPE_CHECKING:
     from napari_semiseg.training import TrainingDock
@@ -35,6 +37,8 @@ class JobMonitor(QWidget):
         self._offset = 0
         self._polls = 0
         self._last_step = 0
+        self._fetching = False  # a server's events are being fetched (a worker)
+        self._server_jobs: list[dict[str, Any]] | None = None  # a server's job list, as last fetched
         self.timer = QTimer(self)
         self.timer.setInterval(POLL_MS)
         self.timer.timeout.connect(self.poll)
@@ -84,27 +88,46 @@ class JobMonitor(QWidget):
         self.dock.job_started.emit(job_id)
 
     def poll(self) -> None:
-        """Read the new events of the followed job (one small file read) and show them."""
-        from backend.jobs import job_status, read_events
-
-        project = self.dock.state.project
-        if project is None or self.job_id is None:
+        """Read the new events of the followed job and show them: one small file read for a project folder; for a
+        server's project one request in a worker thread (never two at once), so a slow network never stalls
+        napari."""
+        state = self.dock.state
+        jobs = state.jobs()
+        if jobs is None or self.job_id is None:
             self.timer.stop()
             return
-        try:
-            events, self._offset = read_events(project.root, self.job_id, self._offset)
-        except (InputError, OSError) as exc:
-            self.dock._say(f"Cannot read job {self.job_id}: {exc}")
-            events = []
+        self._polls += 1
+        job_id, with_status = self.job_id, self._polls % STATUS_EVERY == 0
+        if not state.is_remote():
+            try:
+                self._apply(job_id, _fetch(jobs, job_id, self._offset, with_status))
+            except (InputError, OSError) as exc:
+                self.dock._say(f"Cannot read job {job_id}: {exc}")
+            return
+        if self._fetching:
+            return
+        self._fetching = True
+
+        def done(result: tuple) -> None:
+            self._fetching = False
+            self._apply(job_id, result)
+
+        def failed(exc: BaseException) -> None:
+            self._fetching = False
+            self.dock._say(f"Cannot read job {job_id} from the server: {exc}")
+        start_worker(self.dock, _fetch, jobs, job_id, self._offset, with_status, on_done=done, on_error=failed)
+
+    def _apply(self, job_id: str, result: tuple) -> None:
+        events, offset, status = result
+        if job_id != self.job_id or not self.timer.isActive():
+            return  # another job followed (or this one finished) meanwhile
+        self._offset = offset
         for event in events:
             self.show_event(event)
             if not self.timer.isActive():
                 return
-        self._polls += 1
-        if self._polls % STATUS_EVERY == 0:
-            status = job_status(project.root, self.job_id)
-            if status["state"] == "dead":
-                self.finish("dead", status.get("error") or {})
+        if status is not None and status["state"] == "dead":
+            self.finish("dead", status.get("error") or {})
 
     def show_event(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
@@ -114,14 +137,14 @@ class JobMonitor(QWidget):
                 self.progress.setRange(0, int(event["total"]))
             self.dock._say(f"{self.job_kind or 'job'} {event.get('method', '')} run {event.get('run', '')} on "
                            f"{event.get('device', '?')}")
-            self.dock.model_list.refresh()
+            self.dock.refresh_models()
         elif kind == "progress":
             self._show_progress(event)
         elif kind == "validation":
             self._show_validation(event)
         elif kind == "checkpoint":
             self.dock._say(f"checkpoint saved at step {event.get('step', self._last_step)}")
-            self.dock.model_list.refresh()
+            self.dock.refresh_models()
         elif kind in ("done", "cancelled", "error"):
             self.finish(kind, event)
 
@@ -180,7 +203,8 @@ class JobMonitor(QWidget):
         else:
             show_info(f"{kind} finished: run {event.get('run', '')}")
             dock._say(f"{kind} done: run {event.get('run', '')}")
-        dock.model_list.refresh()
+        dock.refresh_models()
+        self.refresh_jobs()
         dock._update_buttons()
         if state == "done" and kind == "infer":
             dock.state.pseudo_changed.emit()
@@ -190,24 +214,38 @@ class JobMonitor(QWidget):
 
     def cancel(self) -> None:
         """Ask the running job to stop (training checkpoints first); the dock shows it when it has stopped."""
-        from backend.jobs import cancel_job
-
-        project = self.dock.state.project
-        if project is None or self.job_id is None:
+        jobs = self.dock.state.jobs()
+        if jobs is None or self.job_id is None:
             return
-        cancel_job(project.root, self.job_id)
+        job_id = self.job_id
+        if self.dock.state.is_remote():
+            start_worker(self.dock, jobs.cancel_job, job_id, on_error=lambda exc: show_error(f"Not cancelled: {exc}"))
+        else:
+            jobs.cancel_job(job_id)
         self.progress.setFormat(f"{self.job_kind or 'job'} cancelling...")
-        self.dock._say(f"Cancelling {self.job_id} (training saves a checkpoint, then stops)")
+        self.dock._say(f"Cancelling {job_id} (training saves a checkpoint, then stops)")
+
+    def refresh_jobs(self) -> None:
+        """Re-read a server's job list in a worker (Resume's choice); a project folder's is read when asked."""
+        state = self.dock.state
+        if not state.is_remote():
+            self._server_jobs = None
+            return
+        project = state.project
+
+        def done(jobs: list[dict[str, Any]]) -> None:
+            if project is self.dock.state.project:
+                self._server_jobs = jobs
+                self.dock._update_buttons()
+        start_worker(self.dock, state.jobs().list_jobs, on_done=done, on_error=lambda exc: None)
 
     def resumable(self) -> str | None:
         """The job Resume would continue: the newest training job, when it stopped without finishing."""
-        from backend.jobs import list_jobs
-
-        project = self.dock.state.project
-        if project is None:
+        state = self.dock.state
+        if state.project is None:
             return None
         try:
-            jobs = list_jobs(project.root)
+            jobs = (self._server_jobs or []) if state.is_remote() else state.jobs().list_jobs()
         except (InputError, OSError):
             return None
         for job in jobs:
@@ -216,17 +254,26 @@ class JobMonitor(QWidget):
         return None
 
     def resume(self) -> str | None:
-        """Continue the last stopped training run from its checkpoint in a new job."""
-        from backend.jobs import resume_job
-
-        project = self.dock.state.project
+        """Continue the last stopped training run from its checkpoint in a new job (for a server's project the job
+        starts in a worker and is followed when the server answers; None is returned)."""
+        state = self.dock.state
         job = self.resumable()
-        if project is None or job is None:
+        if state.project is None or job is None:
+            return None
+        if state.is_remote():
+            start_worker(self.dock, state.jobs().resume_job, job, on_done=lambda new_id: self.follow(new_id, "train"),
+                         on_error=lambda exc: show_error(str(exc)))
             return None
         try:
-            new_id = resume_job(project.root, job)
+            new_id = state.jobs().resume_job(job)
         except (JobBusyError, InputError) as exc:
             show_error(str(exc))
             return None
         self.follow(new_id, "train")
         return new_id
+
+
+def _fetch(jobs: Any, job_id: str, offset: int, with_status: bool) -> tuple[list, int, dict[str, Any] | None]:
+    """The job's events after ``offset``, the next offset, and its status when asked (a worker, for a server)."""
+    events, offset = jobs.read_events(job_id, offset)
+    return events, offset, jobs.job_status(job_id) if with_status else None

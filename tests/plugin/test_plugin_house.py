@@ -1,6 +1,6 @@
 """The plugin's house rules, checked on its source: it is a thin Qt layer over ``backend.io``, ``.project``,
-``.review``, ``.jobs``, ``.text`` and ``.errors`` (``backend.methods`` only for the list of method names), never the
-engine, the CLI or torch; and no module of it is over 400 lines."""
+``.review``, ``.jobs``, ``.text``, ``.errors`` and ``.remote`` (``backend.methods`` only for the list of method
+names), never the engine, the CLI or torch; and no module of it is over 400 lines."""
 from __future__ import annotations
 
 import ast
@@ -11,7 +11,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 PLUGIN = REPO / "napari_semiseg"
-ALLOWED = ("backend.io", "backend.project", "backend.review", "backend.jobs", "backend.text", "backend.errors")
+# backend.remote: the server client (httpx, no torch) behind the docks' "Server URL + token" mode (issue 20)
+ALLOWED = ("backend.io", "backend.project", "backend.review", "backend.jobs", "backend.text", "backend.errors",
+           "backend.remote")
 NAMES_ONLY = {"backend.methods": {"method_names"}}  # listing names imports no method module and no torch
 MAX_LINES = 400
 
