@@ -71,12 +71,30 @@ class ConnectPanel(QWidget):
         form.addRow(self.message)
         layout.addWidget(self.server_box)
         self._mode_changed(self.mode_combo.currentText())
+        dock.state.project_changed.connect(self._follow_project)
+        dock.table_refreshed.connect(self._name_server)
 
     def _mode_changed(self, mode: str) -> None:
         remote = mode == SERVER
         self.server_box.setVisible(remote)
         for widget in (self.dock.open_button, self.dock.sample_combo, self.dock.sample_button):
             widget.setVisible(not remote)
+
+    def _follow_project(self, project: Any) -> None:
+        """A server's project hides what does not go through the server yet: *Open from PACS* and *Export* would
+        read and write the local mirror, not the server's project."""
+        remote = getattr(project, "remote", None) is not None
+        for widget in (getattr(self.dock, "pacs", None), self.dock.editor.export_button.parentWidget()):
+            if widget is not None:
+                widget.setVisible(not remote)
+
+    def _name_server(self) -> None:
+        """The project line names the server, not the cache folder that mirrors it."""
+        project = self.dock.project
+        server = getattr(project, "server", None)
+        if server:
+            label = self.dock.project_label
+            label.setText(label.text().replace(str(project.root), f"{server} (mirrored in {project.root})"))
 
     def _client(self) -> tuple[str, str, Any]:
         url = self.url_edit.text().strip()

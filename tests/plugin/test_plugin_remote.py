@@ -101,7 +101,7 @@ def _connect(qtbot, review, url: str, token: str) -> None:
         review.connection.connect_button.click()
 
 
-def _paint(review, qtbot, value: int = 2) -> np.ndarray:
+def _paint(review, qtbot, value: int = 1) -> np.ndarray:
     layer = review.viewer.layers[CORRECTION]
     layer.brush_size = 6
     z = int(review.viewer.dims.point[0] / layer.scale[0])
@@ -131,7 +131,7 @@ def test_both_docks_drive_a_server(remote_docks, served, qtbot, answers):
     review, training = remote_docks
     server, project = served
     window = review.viewer.window._qt_window
-    window.resize(1500, 1000)
+    window.resize(1500, 1300)
     window.show()
     qtbot.waitExposed(window)
 
@@ -139,8 +139,11 @@ def test_both_docks_drive_a_server(remote_docks, served, qtbot, answers):
     _connect(qtbot, review, server.url, server.tokens["boss"])
     assert review.project.server == server.url and training.state.is_remote()
     assert "as boss (trainer)" in review.connection.message.text()
+    # PACS import and export would write the local mirror, not the server's project: not offered
+    assert review.pacs.isHidden() and review.editor.export_button.parentWidget().isHidden()
     expected = [r["case"] for r in review_rows(project)]
     assert review.table_cases() == expected  # the server's review order
+    assert f"\n{server.url} (mirrored in " in review.project_label.text()
     doubtful = next(r["case"] for r in review_rows(project) if not r["labeled"])
 
     stall_ms = _load(qtbot, review, review.visible_rows()[0]["case"])
@@ -165,7 +168,7 @@ def test_both_docks_drive_a_server(remote_docks, served, qtbot, answers):
 
     # someone else accepts the case on the server: this viewer's next accept is refused (409) and asks
     project.accept(doubtful, np.zeros_like(corrected), source="manual", user="other")
-    again = _paint(review, qtbot, value=1)
+    again = _paint(review, qtbot, value=2)
     answers.queue.append(KEEP)
     review.accept()
     qtbot.waitUntil(lambda: any(t == "The label changed on disk" for t, _, _ in answers.asked), timeout=60000)
