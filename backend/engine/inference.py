@@ -92,7 +92,7 @@ def review_case(model: Method, project: Project, case: str, *, uncertainty: bool
     """Every review view of ``case`` (see :func:`case_views`) and, with ``uncertainty``, the entropy map and the
     flip-TTA label of :mod:`backend.engine.scores` (two more passes of the primary view's network)."""
     volume, grid, image = model_input(project, case, model.config)
-    with torch.no_grad():
+    with torch.inference_mode():  # no autograd bookkeeping at all (no version counters, no views tracked)
         views = model.pseudo_labels(volume)
     out = {}
     for view, array in views.items():
@@ -101,7 +101,7 @@ def review_case(model: Method, project: Project, case: str, *, uncertainty: bool
         out[view] = np.ascontiguousarray(to_case_grid(array, grid, image), dtype=np.uint8)
     review = CaseReview(out, image)
     if uncertainty:
-        with torch.no_grad():
+        with torch.inference_mode():
             prob = model.primary_probabilities(volume)
             if prob is not None:
                 entropy = normalised_entropy(prob).cpu().numpy().astype(np.float32)

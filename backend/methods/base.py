@@ -232,8 +232,8 @@ class Method(abc.ABC):
 
         ``predictor`` maps a batch ``[B, C, *patch]`` to a dict of ``[B, K, *patch]`` tensors (probabilities or
         logits).  3D methods: MONAI sliding-window inference over ``config.patch_size`` with
-        ``config.sw_overlap`` and Gaussian blending.  2D methods: every z slice, in batches, padded to a
-        multiple of 16.
+        ``config.sw_overlap``, :meth:`window_batch` windows at a time and Gaussian blending.  2D methods:
+        every z slice, in batches, padded to a multiple of 16.
         """
         x = volume.to(self.device, torch.float32)
         with self.autocast():
@@ -241,11 +241,15 @@ class Method(abc.ABC):
                 from monai.inferers import sliding_window_inference
 
                 out = sliding_window_inference(
-                    x[None], roi_size=tuple(self.config.patch_size), sw_batch_size=self.config.sw_batch_size,
+                    x[None], roi_size=tuple(self.config.patch_size), sw_batch_size=self.window_batch(),
                     predictor=predictor, overlap=self.config.sw_overlap, mode="gaussian",
                 )
                 return {k: v[0].float() for k, v in out.items()}
             return self._infer_slices(x, predictor)
+
+    def window_batch(self) -> int:
+        """Sliding windows per network call: ``config.sw_batch_size`` (methods measure and override per device)."""
+        return self.config.sw_batch_size
 
     def _infer_slices(self, x: torch.Tensor,
                       predictor: Callable[[torch.Tensor], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -206,7 +206,7 @@ class DiffCL(Method):
 
         return from_signed(ddim_sample(self.ddim, predict_x0, y_T, self.config.ddim_steps)).clamp(0.0, 1.0)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def pseudo_labels(self, volume: torch.Tensor) -> dict[str, np.ndarray]:
         """``{"cs": CS labels, "ds": DS labels by DDIM}`` for a ``[C, Z, Y, X]`` volume (sliding window).  The
         DDIM noise comes from a generator seeded with ``config.seed``: the same weights give the same labels."""
@@ -215,13 +215,13 @@ class DiffCL(Method):
             maps = self.infer_volume(volume, lambda p: {"cs": self._cs_probs(p), "ds": self._ds_probs(p, generator)})
         return {view: argmax_uint8(maps[view]) for view in self.views}
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def primary_probabilities(self, volume: torch.Tensor) -> torch.Tensor:
         """The CS network's softmax (its arg-max is the ``cs`` view)."""
         with self._evaluating():
             return self.infer_volume(volume, lambda batch: {"p": self._cs_probs(batch)})["p"]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict(self, volume: torch.Tensor) -> np.ndarray:
         """The CS network's segmentation (the paper's inference network)."""
         with self._evaluating():
