@@ -1,25 +1,22 @@
 """``semiseg pacs list | pull | push`` and ``semiseg accept-seg``: DICOM-SEG and a DICOMweb PACS.
 
-Importing this module (the CLI's parser does) imports :mod:`backend.dicom`, which registers the source sidecar of
-the DICOM series ``semiseg init`` imports.  ``semiseg export --format dicom-seg`` is parsed in
+``semiseg init`` passes :func:`backend.dicom.sidecar_hook` (the source sidecar of DICOM series);
+``semiseg export --format dicom-seg`` is parsed in
 :mod:`backend.cli.engine` and calls :func:`backend.dicom.seg.export_seg`.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from backend.errors import InputError
 
 
 def _client(args: argparse.Namespace):
-    from backend.dicom.pacs import client
+    from backend.dicom.pacs import client_from_env
 
-    user = args.user or os.environ.get("SEMISEG_PACS_USER")
-    return client(args.url, user=user, password=os.environ.get("SEMISEG_PACS_PASSWORD"),
-                  token=None if user else os.environ.get("SEMISEG_PACS_TOKEN"), timeout=args.timeout)
+    return client_from_env(args.url, user=args.user, timeout=args.timeout)
 
 
 def cmd_pacs_list(args: argparse.Namespace) -> int:

@@ -41,6 +41,16 @@ def client(url: str, *, user: str | None = None, password: str | None = None, to
     return pacs
 
 
+def client_from_env(url: str, *, user: str | None = None, timeout: float = 60):
+    """:func:`client` with the credentials of the environment: basic auth for ``user`` (or
+    ``$SEMISEG_PACS_USER``) with ``$SEMISEG_PACS_PASSWORD``, else a bearer ``$SEMISEG_PACS_TOKEN`` if set."""
+    import os
+
+    user = user or os.environ.get("SEMISEG_PACS_USER")
+    return client(url, user=user, password=os.environ.get("SEMISEG_PACS_PASSWORD"),
+                  token=None if user else os.environ.get("SEMISEG_PACS_TOKEN"), timeout=timeout)
+
+
 def _value(item: dict, keyword: str) -> Any:
     from pydicom.datadict import tag_for_keyword
 

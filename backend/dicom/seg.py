@@ -24,7 +24,7 @@ from backend.project import Project
 from backend.project.checks import check_label
 from backend.project.runs import methods_with_pseudo_labels, pseudo_runs
 from backend.review.colors import label_color
-from backend.review.export import _primary_view, _sources
+from backend.review.export import label_sources, primary_view
 
 SEG_TYPES = ("binary", "labelmap")
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -49,9 +49,9 @@ def segments(project: Project) -> list[tuple[int, int, str]]:
 def pseudo_label_files(project: Project, method: str, run: str | None) -> tuple[dict[str, Path], str, str]:
     """``({case: primary-view file}, run, view)`` of a method's inference run (the latest when ``run`` is None),
     exactly the files ``semiseg export --source METHOD`` writes."""
-    items, _ = _sources(project, method, run)  # refuses a missing run in one line
+    items, _ = label_sources(project, method, run)  # refuses a missing run in one line
     run = run or pseudo_runs(project, method)[-1]
-    return dict(items), run, _primary_view(project, method, run, project.scores(method, run))
+    return dict(items), run, primary_view(project, method, run, project.scores(method, run))
 
 
 def build_seg(project: Project, case: str, label: np.ndarray, *, kind: str = "MANUAL", method: str | None = None,

@@ -66,7 +66,7 @@ def slicer_metadata(label: np.ndarray, labels: dict[int, str], *, status: str = 
     return meta
 
 
-def _sources(project: Project, source: str, run: str | None) -> tuple[list[tuple[str, Path]], str]:
+def label_sources(project: Project, source: str, run: str | None) -> tuple[list[tuple[str, Path]], str]:
     """``[(case, label file)]`` to export and the segmentation status for Slicer."""
     if source == "labels":
         return [(c, project.label_path(c)) for c in project.labeled_cases()], "completed"
@@ -77,12 +77,12 @@ def _sources(project: Project, source: str, run: str | None) -> tuple[list[tuple
     if run not in runs:
         raise InputError(project.pseudo_dir(source, run), f"no complete inference run '{run}' of '{source}'")
     scores = project.scores(source, run)  # a corrupt scores.json is an InputError naming it
-    view = _primary_view(project, source, run, scores)
+    view = primary_view(project, source, run, scores)
     files = [(c, project.pseudo_dir(source, run) / c / f"{view}.nii.gz") for c in sorted(scores.get("cases", {}))]
     return [(c, p) for c, p in files if p.is_file()], "inprogress"
 
 
-def _primary_view(project: Project, method: str, run: str, scores: dict) -> str:
+def primary_view(project: Project, method: str, run: str, scores: dict) -> str:
     """The run's primary view, as inference recorded it (``scores.json``) or training did (``run.json``); with
     neither (a hand-made pseudo-label folder), the first view ``scores.json`` lists.  No method is imported (the
     review floor stays free of torch)."""
@@ -102,7 +102,7 @@ def export(project: Project | str | Path, dest: str | Path, *, fmt: str = "nii.g
     fmt = fmt.lstrip(".").lower()
     if fmt not in FORMATS:
         raise InputError(None, f"unknown export format '{fmt}' (formats: {', '.join(FORMATS)})")
-    items, status = _sources(project, source, run)
+    items, status = label_sources(project, source, run)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     written = []

@@ -1,18 +1,11 @@
-"""*Open from PACS* in the review dock, and its DICOM-SEG export: both through the ``semiseg`` CLI in a child
-process.
-
-The plugin may not import :mod:`backend.dicom` (tests/plugin/test_plugin_house.py: a thin layer over the io,
-project, review and jobs floors), so what needs it runs as ``python -m backend.cli pacs list|pull`` or ``export
---format dicom-seg`` inside a napari ``thread_worker``: the network and the DICOM work stay off the main thread,
-an error is the CLI's one line, and the command is the one the README shows.  Authentication comes from the
-environment the CLI reads (``$SEMISEG_PACS_TOKEN``, or ``--user`` with ``$SEMISEG_PACS_PASSWORD``).
+"""*Open from PACS* in the review dock, and its DICOM-SEG export, over :mod:`backend.dicom` (torch-free) in napari
+``thread_worker``s: the network and the DICOM work stay off the main thread, an error is the backend's one line.
+Authentication comes from the environment, as for ``semiseg pacs`` (``$SEMISEG_PACS_TOKEN``, or
+``$SEMISEG_PACS_USER`` with ``$SEMISEG_PACS_PASSWORD``: :func:`backend.dicom.pacs.client_from_env`).
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,47 +21,36 @@ if TYPE_CHECKING:
 
 DICOM_SEG = "dicom-seg"
 PACS_HOME = Path.home() / "semiseg-pacs"
-CLI_TIMEOUT_S = 600
-
-
-class CliError(RuntimeError):
-    """A ``semiseg`` child process failed; ``str()`` is the one line it printed."""
-
-
-def semiseg_cli(*args: str | Path, timeout: float = CLI_TIMEOUT_S) -> str:
-    """Run ``python -m backend.cli ARGS`` and return its stdout; a failure raises :class:`CliError` with the
-    CLI's last stderr line (its one-line error)."""
-    done = subprocess.run([sys.executable, "-m", "backend.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ))
-    if done.returncode != 0:
-        lines = done.stderr.strip().splitlines()
-        raise CliError(lines[-1] if lines else f"semiseg {args[0]} exited with code {done.returncode}")
-    return done.stdout
 
 
 def has_dicom_cases(project: Project | None) -> bool:
-    """True when some case was imported from a DICOM series: it has a source sidecar
-    (``semiseg/dicom/<case>.json``, :func:`backend.dicom.refs.refs_path`)."""
-    return project is not None and any((Path(project.semiseg) / "dicom").glob("*.json"))
+    """True when some case was imported from a DICOM series (it has a source sidecar)."""
+    from backend.dicom.refs import refs_path
+
+    return project is not None and any(refs_path(project, c).is_file() for c in project.case_ids())
 
 
 def export_dicom_seg(project: Project, dest: Path, *, source: str = "labels", run: str | None = None) -> list[Path]:
-    """``semiseg export PROJECT DEST --format dicom-seg``: one SEG per DICOM-imported case; the written paths."""
-    out = semiseg_cli("export", project.root, dest, "--format", DICOM_SEG, "--source", source,
-                      *(("--run", run) if run else ()))
-    return [Path(line) for line in out.splitlines() if line.strip()]
+    """One DICOM Segmentation per DICOM-imported case (as ``semiseg export --format dicom-seg``); the paths."""
+    from backend.dicom.seg import export_seg
+
+    return export_seg(project, dest, source=source, run=run)
 
 
 def list_series(url: str) -> list[dict[str, Any]]:
-    """``semiseg pacs list --url URL --json``."""
-    return json.loads(semiseg_cli("pacs", "list", "--url", url, "--json"))
+    """Every series on the PACS at ``url`` (as ``semiseg pacs list``)."""
+    from backend.dicom.pacs import client_from_env, list_series as search
+
+    return search(client_from_env(url), url)
 
 
 def pull_series(url: str, project_dir: Path, series_uid: str) -> tuple[str, str]:
-    """``semiseg pacs pull PROJECT --url URL --series UID --json``: ``(project root, case)``."""
-    out = json.loads(semiseg_cli("pacs", "pull", project_dir, "--url", url, "--series", series_uid, "--json"))
-    case = next(c for c, uid in out["cases"].items() if uid == series_uid)
-    return out["project"], case
+    """Retrieve one series into the project at ``project_dir`` (as ``semiseg pacs pull``): ``(project root,
+    case)``."""
+    from backend.dicom.pacs import client_from_env, pull
+
+    project, cases = pull(client_from_env(url), url, project_dir, [series_uid])
+    return str(project.root), next(c for c, uid in cases.items() if uid == series_uid)
 
 
 def describe(row: dict[str, Any], segs: int) -> str:

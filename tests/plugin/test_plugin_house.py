@@ -12,8 +12,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 PLUGIN = REPO / "napari_semiseg"
 # backend.remote: the server client (httpx, no torch) behind the docks' "Server URL + token" mode (issue 20)
+# backend.dicom: DICOM-SEG export and the PACS (pydicom, highdicom, dicomweb-client; no torch) behind Open from PACS
 ALLOWED = ("backend.io", "backend.project", "backend.review", "backend.jobs", "backend.text", "backend.errors",
-           "backend.remote")
+           "backend.remote", "backend.dicom")
 NAMES_ONLY = {"backend.methods": {"method_names"}}  # listing names imports no method module and no torch
 MAX_LINES = 400
 
