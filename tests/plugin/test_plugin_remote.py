@@ -18,9 +18,10 @@ from backend.project.sample import copy_sample
 from backend.review.corrections import list_drafts
 from backend.review.queue import review_rows
 from helpers.plugin_fixtures import write_fake_pseudo_labels
+from helpers.orthanc import free_port
 from helpers.semiseg_server import SemisegServer
 from napari_semiseg.review import CORRECTION, KEEP
-from napari_semiseg.review.connect import SERVER
+from napari_semiseg.review.connect import FOLDER, SERVER
 
 pytest_plugins = ["helpers.plugin_fixtures"]  # answers
 
@@ -216,9 +217,10 @@ def test_both_docks_drive_a_server(remote_docks, served, qtbot, answers):
     assert ON_MAIN_THREAD == []
 
 
-def test_a_wrong_token_shows_the_401_message(remote_docks, served, qtbot):
-    review, _training = remote_docks
-    server, _project = served
+def test_401_and_refused_messages_then_back_to_a_project_folder(remote_docks, served, qtbot):
+    review, training = remote_docks
+    server, project = served
+    assert review.connection.server_box.isHidden()  # "Project folder" is the default
     _fill(review, server.url, "not-a-token")
     with qtbot.waitSignal(review.connection.tested, timeout=30000) as tested:
         review.connection.test_button.click()
@@ -228,3 +230,18 @@ def test_a_wrong_token_shows_the_401_message(remote_docks, served, qtbot):
     with qtbot.waitSignal(review.connection.tested, timeout=30000) as tested:
         review.connection.test_button.click()
     assert tested.args == [True, f"{Project(server.root).name} on {server.url} as ann (annotator)"]
+    _fill(review, f"http://127.0.0.1:{free_port()}", server.tokens["ann"])  # nothing listens there
+    with qtbot.waitSignal(review.connection.tested, timeout=30000) as tested:
+        review.connection.connect_button.click()
+    assert tested.args[0] is False and "connection refused" in tested.args[1] and review.project is None
+
+    # an annotator connects, then goes back to a project folder: local jobs, PACS and Export again
+    _connect(qtbot, review, server.url, server.tokens["ann"])
+    assert training.state.is_remote() and review.pacs.isHidden()
+    assert "as ann (annotator)" in review.connection.message.text()
+    review.connection.mode_combo.setCurrentText(FOLDER)
+    assert review.connection.server_box.isHidden() and not review.open_button.isHidden()
+    with qtbot.waitSignal(review.table_refreshed, timeout=60000):
+        review.open_project(project.root)
+    assert not training.state.is_remote() and training.state.jobs().root == project.root
+    assert not review.pacs.isHidden() and not review.editor.export_button.parentWidget().isHidden()
