@@ -5,6 +5,8 @@ accept gets the conflict question, train and cancel on the server, a wrong token
 server killed while a correction is edited loses nothing: the correction is kept as a draft and offered again."""
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -27,6 +29,7 @@ pytest_plugins = ["helpers.plugin_fixtures"]  # answers
 
 pytestmark = [pytest.mark.gui, pytest.mark.slow]
 DOCS = Path(__file__).resolve().parents[2] / "docs"
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"  # not committed, as test_plugin_screenshots.py's
 # the tiny supervised preset on 16^3 patches (as tests/backend/test_server_jobs.py): cheap steps on two cores
 SMALL = {"patch_size": [16, 16, 16], "batch_labeled": 2, "sw_overlap": 0.0, "sw_batch_size": 64,
          "val_every": 1000, "checkpoint_every": 2}
@@ -160,12 +163,15 @@ def test_both_docks_drive_a_server(remote_docks, served, qtbot, answers):
     assert np.array_equal(project.read_label(doubtful).array, corrected)  # on the server's disk
     assert project.history(doubtful)[-1]["user"] == "boss"
     assert accepted.args[1]["voxels_edited"] > 0
-    DOCS.mkdir(exist_ok=True)
     training.parent().raise_()
     qtbot.wait(300)
     review.parent().raise_()
     qtbot.wait(300)
-    review.viewer.screenshot(str(DOCS / "screenshot-remote.png"), canvas_only=False)
+    ARTIFACTS.mkdir(exist_ok=True)
+    review.viewer.screenshot(str(ARTIFACTS / "remote_docks.png"), canvas_only=False)
+    if os.environ.get("SEMISEG_UPDATE_DOCS"):  # the README's picture (a plain test run leaves docs/ alone)
+        shutil.copyfile(ARTIFACTS / "remote_docks.png", DOCS / ".screenshot-remote.png")
+        os.replace(DOCS / ".screenshot-remote.png", DOCS / "screenshot-remote.png")
 
     # someone else accepts the case on the server: this viewer's next accept is refused (409) and asks
     project.accept(doubtful, np.zeros_like(corrected), source="manual", user="other")
