@@ -248,7 +248,8 @@ class Method(abc.ABC):
             return self._infer_slices(x, predictor)
 
     def window_batch(self) -> int:
-        """Sliding windows per network call: ``config.sw_batch_size`` (methods measure and override per device)."""
+        """Sliding windows per network call (2D methods: 4x as many slices): ``config.sw_batch_size`` (methods
+        measure and override per device)."""
         return self.config.sw_batch_size
 
     def _infer_slices(self, x: torch.Tensor,
@@ -260,7 +261,7 @@ class Method(abc.ABC):
         pad = DivisiblePad(k=16, mode="constant")
         padded = torch.stack([torch.as_tensor(pad(s)) for s in slices]) if (y % 16 or w % 16) else slices
         outputs: dict[str, list[torch.Tensor]] = {}
-        batch = max(1, self.config.sw_batch_size * 4)
+        batch = max(1, self.window_batch() * 4)
         for start in range(0, z, batch):
             for key, value in predictor(padded[start:start + batch]).items():
                 outputs.setdefault(key, []).append(value.float())

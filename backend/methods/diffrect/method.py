@@ -319,6 +319,11 @@ class DiffRect(Method):
 
         return predict
 
+    def window_batch(self) -> int:
+        """Slices per network call / 4: 4 slices on CPU (measured on a 10x256x256 volume, acdc networks: the same
+        CPU time as all 10 at once, peak RSS 1.11-1.12 -> 0.83-0.84 GiB), ``4 * config.sw_batch_size`` elsewhere."""
+        return 1 if self.device.type == "cpu" else self.config.sw_batch_size
+
     def _generator(self) -> torch.Generator:
         """Seeded noise for the reverse process, so a review of the same volume gives the same labels."""
         gen = torch.Generator(device=self.device)
