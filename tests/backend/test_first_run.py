@@ -26,7 +26,7 @@ from backend.project.sample import (PRETRAINED_RUN, RUN_FILES, copy_sample, inst
 from backend.io.volume import read_volume
 from conftest import REPO
 
-METHODS = ("supervised", "diffrect", "diffcl", "genericssl")
+METHODS = ("supervised", "supervised2d", "diffrect", "diffcl", "genericssl")
 
 
 def test_every_method_has_a_small_shipped_checkpoint_that_is_package_data():
