@@ -108,7 +108,8 @@ def test_ui_bench_times_a_real_viewer_and_a_training_job(tmp_path):
     assert float(stalls[2].split()[0]) <= float(stalls[3].split()[0]) <= float(stalls[4].split()[0])
     assert "4 pseudo-label views" in text  # supervised2d's prediction; diffrect's weak, strong, rectified
     idle, busy = _rows(text, "show a case")
-    assert int(idle[1]) == 2 and int(busy[1]) == 3  # 3 cases: the first shown on its own, then again with a job
+    # the sample's 4 cases (2 labeled, 2 to review): the first shown on its own, then all again with a job
+    assert int(idle[1]) == 3 and int(busy[1]) == 4
     loaded, drawn = (float(v.split()[0]) for v in idle[2].split("/"))
     assert 0 < loaded <= drawn
 
