@@ -110,7 +110,7 @@ GENERICSSL: list[Mutant] = [
            "SVDA scaling not applied along depth (published: isotropic scaling of all three axes)"),
     Mutant(_GS, "grid, mode=\"nearest\", padding_mode=\"zeros\",", "grid, mode=\"bilinear\", padding_mode=\"zeros\",",
            "SVDA: labels resampled bilinearly (mixed class values at borders; published: nearest)"),
-    Mutant(_GD, "p.lerp_(((a + b) * 0.5).to(p.dtype), 1.0 - w_ema)", "p.lerp_(((a + b) * 0.5).to(p.dtype), w_ema)",
+    Mutant(_GD, "torch._foreach_lerp_(thetas, means, 1.0 - w_ema)", "torch._foreach_lerp_(thetas, means, w_ema)",
            "EMA transfer (sec. 3.3): theta takes 0.99 of (xi + psi) / 2 instead of keeping 0.99 of itself"),
     Mutant(_GC, "ema_w: float = 0.99", "ema_w: float = 0.9",
            "EMA weight w_ema 0.9 instead of the paper's 0.99 (sec. 3.3)"),
