@@ -107,6 +107,147 @@ def measure(method: str, preset: str, *, device: str, steps: int, warmup: int, c
         }
 
 
+# ---- issue 22: our side of each row of the side-by-side table (bench/vs_official.md) ---------------------------------
+# (row, what; the official code's number from ../PERFORMANCE.md: 2 vCPU EPYC, 2 threads, another day -- orientation
+# only: a ratio is valid only against the official code run alternately in the same session)
+ISSUE_ROWS: dict[str, tuple[str, str]] = {
+    "diffrect_train": ("DiffRect train 256^2, 3+3, seg + refinement (before rect_start)", "6.68 s, 4.1 GiB"),
+    "diffrect_train_rect": ("DiffRect train 256^2, 3+3, with rectification", "8.88 s, 5.6 GiB"),
+    "ad_train_fp32": ("A&D train 64x64x48, F=32, 1+1, fp32 (same work)", "9.43 s, 2.4 GiB"),
+    "ad_train": ("A&D train, same, default DDIM sampling (bf16 on CPUs with native bf16)", "9.43 s, 2.4 GiB"),
+    "diffrect_infer": ("DiffRect inference (predict), 10x256x256 volume", "0.90 s, 0.5 GiB"),
+    "ad_infer": ("A&D inference (predict) 128x128x88, la patch, default overlap 0.5", "53.9 s (20 windows), 1.5 GiB"),
+    "ad_infer_official": ("A&D inference, same, the published strides 16/4 (la preset)", "53.9 s (20 windows), 1.5 GiB"),
+    "diffcl_scan": ("Diff-CL selective scan fwd+bwd (PyTorch chunked scan), d=128, n=16, L=4096", "-"),
+}
+
+
+def _median_steps(fn, n: int) -> tuple[float, float]:
+    """Median wall and CPU seconds of ``fn()`` over ``n`` calls after one warm-up call."""
+    import statistics
+
+    fn()
+    wall, cpu = [], []
+    for _ in range(n):
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - w)
+        cpu.append(time.process_time() - c)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def measure_issue_row(row: str, steps: int) -> dict:
+    """One row of :data:`ISSUE_ROWS` in this process (one torch thread; run by :func:`main` in a child)."""
+    import torch
+
+    from backend.methods import get_method
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    out: dict = {"row": row}
+    if row.startswith("diffrect_train"):
+        m = get_method("diffrect")(get_method("diffrect").make_config("acdc"), "cpu")
+        label = (torch.rand(3, 1, 256, 256) * 4).long()
+        batch = ({"image": label.float() + torch.randn(3, 1, 256, 256), "label": label},
+                 {"image": torch.randn(3, 1, 256, 256)})
+        step = m.config.rect_start if row.endswith("rect") else 0
+        out["s"], out["cpu_s"] = _median_steps(lambda: m.train_step(*batch, step), steps)
+    elif row.startswith("ad_train"):
+        cls = get_method("genericssl")
+        extra = {"cpu_bf16_sampling": False} if row == "ad_train_fp32" else {}
+        m = cls(cls.make_config("la", num_classes=2, patch_size=(48, 64, 64), batch_labeled=1, batch_unlabeled=1,
+                                **extra), "cpu")
+        label = (torch.rand(1, 1, 48, 64, 64) > 0.7).long()
+        batch = ({"image": label.float() + 0.3 * torch.randn(1, 1, 48, 64, 64), "label": label},
+                 {"image": torch.randn(1, 1, 48, 64, 64)})
+        out["s"], out["cpu_s"] = _median_steps(lambda: m.train_step(*batch, 1), steps)
+        out["note"] = f"DDIM under bf16: {m.sampling_autocast().__class__.__name__ == 'autocast'}"
+    elif row == "diffrect_infer":
+        m = get_method("diffrect")(get_method("diffrect").make_config("acdc"), "cpu")
+        volume = torch.randn(1, 10, 256, 256)
+        out["s"], out["cpu_s"] = _median_steps(lambda: m.predict(volume), steps)
+        seg = m._inference_nets()[0]
+        slices, per_call = volume.permute(1, 0, 2, 3).contiguous(), 4 * m.window_batch()  # as predict batches them
+        with torch.inference_mode():  # CPU s, as the overhead column compares
+            _, out["net_s"] = _median_steps(lambda: [seg(slices[i:i + per_call]) for i in range(0, 10, per_call)],
+                                            steps)
+    elif row.startswith("ad_infer"):
+        cls = get_method("genericssl")
+        config = cls.make_config("la", num_classes=2)
+        if row == "ad_infer":
+            config.sw_overlap = 0.5
+        m = cls(config, "cpu")
+        m.eval()
+        volume = torch.randn(1, 88, 128, 128)
+        theta, calls = m.net.theta, []
+
+        def timed(x):
+            tic = time.process_time()
+            y = theta(x)
+            calls.append((x.shape[0], time.process_time() - tic))
+            return y
+
+        m.net.theta = timed
+        tic, cpu = time.perf_counter(), time.process_time()
+        m.predict(volume)
+        out["s"], out["cpu_s"] = time.perf_counter() - tic, time.process_time() - cpu
+        out["windows"] = sum(b for b, _ in calls)
+        out["net_s"] = sum(t for _, t in calls)
+    elif row == "diffcl_scan":
+        from backend.methods.diffcl.mamba import selective_scan_torch
+
+        b, d, n, length = 1, 128, 16, 4096
+        u, delta, z = (torch.randn(b, d, length, requires_grad=True) for _ in range(3))
+        A = -torch.rand(d, n).requires_grad_()
+        B, C = (torch.randn(b, n, length, requires_grad=True) for _ in range(2))
+
+        def fwd_bwd():
+            selective_scan_torch(u, delta, A, B, C, z=z, delta_softplus=True).sum().backward()
+
+        out["s"], out["cpu_s"] = _median_steps(fwd_bwd, steps)
+    else:
+        raise SystemExit(f"unknown row {row}")
+    out["rss_gib"] = _peak_rss_mib() / 1024
+    return out
+
+
+def issue_table(results: list[dict]) -> list[str]:
+    lines = ["| row | ours s (wall) | ours CPU s | network CPU s of the windows (count) | CPU / network | peak RSS GiB "
+             "| official, PERFORMANCE.md |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        what, official = ISSUE_ROWS[r["row"]]
+        if "error" in r:
+            lines.append(f"| {what} | error: {r['error']} | | | | | {official} |")
+            continue
+        net = "-" if "net_s" not in r else f"{r['net_s']:.2f}" + (f" ({r['windows']})" if "windows" in r else "")
+        over = "-" if "net_s" not in r else f"{r['cpu_s'] / r['net_s']:.2f}x"
+        note = f" ({r['note']})" if r.get("note") else ""
+        lines.append(f"| {what}{note} | {r['s']:.2f} | {r['cpu_s']:.2f} | {net} | {over} | {r['rss_gib']:.2f} "
+                     f"| {official} |")
+    return lines
+
+
+def run_issue_rows(rows: list[str], steps: int, out: Path, timeout: float) -> int:
+    results = []
+    for row in rows:
+        print(f"measuring {row} ...", file=sys.stderr, flush=True)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--issue-row", row, "--steps", str(steps)]
+        env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+            found = [line for line in done.stdout.splitlines() if line.startswith("@result ")]
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            results.append(json.loads(found[-1][8:]) if found else {"row": row, "error": tail[:120]})
+        except subprocess.TimeoutExpired:
+            results.append({"row": row, "error": f"timed out after {timeout:.0f} s"})
+    text = "\n".join([f"# Issue 22 rows, our side ({time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC)", "",
+                      *machine_lines("cpu"), "- one torch thread per row, each row in its own process; medians "
+                      "after one warm-up", ""] + issue_table(results)) + "\n"
+    print(text)
+    write_result("speed-issue22-rows.md", text, folder=out)
+    return 0 if all("error" not in r for r in results) else 1
+
+
 # ---- the parent: one child per configuration, a table at the end ---------------------------------------------------
 def header(device: str) -> list[str]:
     return [f"# Speed ({time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC)", "", *machine_lines(device),
@@ -169,7 +310,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     p.add_argument("--child", nargs=2, metavar=("METHOD", "PRESET"), help=argparse.SUPPRESS)
+    p.add_argument("--issue", nargs="*", metavar="ROW", choices=list(ISSUE_ROWS),
+                   help=f"our side of issue 22's side-by-side rows (all when none named: {', '.join(ISSUE_ROWS)})")
+    p.add_argument("--issue-row", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+
+    if args.issue_row:
+        print("@result " + json.dumps(measure_issue_row(args.issue_row, max(1, args.steps))), flush=True)
+        return 0
+    if args.issue is not None:
+        return run_issue_rows(args.issue or list(ISSUE_ROWS), max(1, args.steps), args.out, args.timeout)
 
     if args.child:
         result = measure(*args.child, device=args.device, steps=args.steps, warmup=args.warmup, case=args.case)
