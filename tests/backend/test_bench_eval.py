@@ -135,3 +135,23 @@ def test_review_scores_bench_ranks_every_score_for_every_method_on_held_out_case
         assert int(row[5]) >= 12  # 3 methods x 2 cases x the slabs that hold brain
     best = re.search(r"Best measured \(highest worst-method Spearman\): `(\w+)`", text).group(1)
     assert best in SCORES and f"sorts by `{DEFAULT_SORT_SCORE}` by default" in text
+
+
+@pytest.mark.slow
+@pytest.mark.gui
+def test_server_ui_bench_connects_the_dock_to_a_real_server_and_times_remote_case_loads(tmp_path):
+    """bench/server_ui.py: `semiseg serve` in a subprocess, the review dock connected through its panel, every
+    case of the queue shown over HTTP; the table has the connect time, the case loads and the event-loop gaps."""
+    assert os.environ.get("DISPLAY")
+    out = _bench("server_ui.py", "--rounds", "1", "--out", str(tmp_path), timeout=600)
+    text = (tmp_path / "server-ui-cpu-2core.md").read_text()
+    assert text.strip() in out and "the sample's 4 cases, 1 pseudo-label view(s)" in text
+    (connect,) = _rows(text, "connect (Connect click")
+    assert float(connect[2].split()[0]) > 0
+    (first,) = _rows(text, "show a remote case, first time")
+    assert int(first[1]) == 4  # every case of the queue came over HTTP
+    loaded, drawn = (float(v.split()[0]) for v in first[2].split("/"))
+    assert 0 < loaded <= drawn
+    (gaps,) = _rows(text, "while cases load, first time")
+    p50, p99, peak = (float(gaps[i].split()[0]) for i in (2, 3, 4))
+    assert int(gaps[1]) > 0 and p50 <= p99 <= peak
