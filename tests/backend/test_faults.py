@@ -339,7 +339,7 @@ def test_a_training_job_killed_twice_after_checkpoints_resumes_to_a_loadable_che
     import torch
 
     from backend.jobs import job_status, resume_job, start_job, wait_job
-    from test_jobs_real import TIMEOUT, train_spec, wait_for_event
+    from helpers.jobs import TIMEOUT, train_spec, wait_for_event
 
     root = brain_project.root
     job = start_job(root, train_spec(10))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 import torch
@@ -18,39 +17,9 @@ from backend.jobs import (cancel_job, job_status, list_jobs, read_events, resume
                           wait_job)
 from backend.jobs.process import JOB_NICENESS
 
+from helpers.jobs import TIMEOUT, job_log, train_spec, wait_for_event
+
 pytestmark = pytest.mark.slow
-
-# The tiny preset with 16^3 patches and no window overlap: a step and the final validation stay cheap on 2 cores.
-SMALL = {"patch_size": [16, 16, 16], "batch_labeled": 2, "sw_overlap": 0.0, "sw_batch_size": 64,
-         "val_every": 1000, "checkpoint_every": 2}
-TIMEOUT = 240.0
-
-
-def train_spec(steps: int, **extra) -> dict:
-    spec = {"kind": "train", "method": "supervised", "preset": "tiny", "steps": steps, "device": "cpu",
-            "overrides": dict(SMALL)}
-    spec.update(extra)
-    return spec
-
-
-def wait_for_event(root, job_id: str, kind: str, timeout: float = TIMEOUT) -> list[dict]:
-    """Every event up to and including the first of type ``kind``."""
-    seen: list[dict] = []
-    offset = 0
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        events, offset = read_events(root, job_id, offset)
-        for event in events:
-            seen.append(event)
-            if event["type"] == kind:
-                return seen
-            assert event["type"] not in ("done", "cancelled", "error"), f"job ended early: {event}"
-        time.sleep(0.1)
-    raise AssertionError(f"no {kind} event within {timeout} s; log:\n{_log(root, job_id)}")
-
-
-def _log(root, job_id: str) -> str:
-    return (root / "semiseg" / "jobs" / job_id / "log.txt").read_text()[-3000:]
 
 
 def all_events(root, job_id: str) -> list[dict]:
@@ -93,7 +62,7 @@ def test_killed_training_is_dead_then_resumes_to_the_end(brain_project, capsys):
     assert "-infer-" in infer
 
     status = wait_job(root, second, timeout=TIMEOUT)
-    assert status["state"] == "done", _log(root, second)
+    assert status["state"] == "done", job_log(root, second)
     assert status["run"] == run and status["step"] == status["total"] == 10 and status["exit_code"] == 0
     events = all_events(root, second)
     start = events[0]
@@ -103,7 +72,7 @@ def test_killed_training_is_dead_then_resumes_to_the_end(brain_project, capsys):
     assert state["step"] == 10 and state["method_name"] == "supervised"
 
     status = wait_job(root, infer, timeout=TIMEOUT)
-    assert status["state"] == "done" and status["run"] == run, _log(root, infer)
+    assert status["state"] == "done" and status["run"] == run, job_log(root, infer)
     assert status["step"] == status["total"] == len(brain_project.unlabeled_cases())
     assert (brain_project.pseudo_dir("supervised", run) / "scores.json").is_file()
 
@@ -114,11 +83,11 @@ def test_killed_training_is_dead_then_resumes_to_the_end(brain_project, capsys):
 
 def test_cancel_checkpoints_cleanly_then_the_next_job_starts_and_fails_with_its_error(brain_project):
     root = brain_project.root
-    job = start_job(root, train_spec(1000, overrides={**SMALL, "checkpoint_every": 500}))
+    job = start_job(root, train_spec(1000, {"checkpoint_every": 500}))
     wait_for_event(root, job, "progress")
     cancel_job(root, job)
     status = wait_job(root, job, timeout=TIMEOUT)
-    assert status["state"] == "cancelled", _log(root, job)
+    assert status["state"] == "cancelled", job_log(root, job)
     assert status["exit_code"] == 0 and status["cancel_requested"] and status["error"] is None
     events = all_events(root, job)
     final = events[-1]
@@ -129,7 +98,7 @@ def test_cancel_checkpoints_cleanly_then_the_next_job_starts_and_fails_with_its_
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert state["step"] == final["step"]
     assert all(torch.isfinite(t).all() for t in state["method"]["modules"]["net"].values() if t.is_floating_point())
-    assert "received signal SIGTERM" in _log(root, job)
+    assert "received signal SIGTERM" in job_log(root, job)
 
     # the lock went with the cancelled job: a new training job starts; this one asks for a preset that does
     # not exist, and reports the failure as an error event with the message and the traceback's tail
@@ -148,7 +117,7 @@ def test_cancel_before_the_child_is_ready_still_ends_cancelled(brain_project):
     job = start_job(root, train_spec(5))
     cancel_job(root, job)  # most likely before the child installed its signal handler: it reads the cancel file
     status = wait_job(root, job, timeout=TIMEOUT)
-    assert status["state"] == "cancelled" and status["exit_code"] == 0, _log(root, job)
+    assert status["state"] == "cancelled" and status["exit_code"] == 0, job_log(root, job)
     # and the lock is free again
     second = start_job(root, train_spec(5))
     cancel_job(root, second)
@@ -161,9 +130,9 @@ def test_a_corrupt_image_fails_the_job_with_the_file_named(brain_project):
     image.write_bytes(b"\x1f\x8b" + b"not a gzip stream at all" * 10)
     job = start_job(root, train_spec(5))
     status = wait_job(root, job, timeout=TIMEOUT)
-    assert status["state"] == "error" and status["exit_code"] == 1, _log(root, job)
+    assert status["state"] == "error" and status["exit_code"] == 1, job_log(root, job)
     error = status["error"]
     assert error["kind"] == "exception" and "itk_kmeans_t1" in error["message"]
     tail = error["traceback"].splitlines()
     assert len(tail) <= 30 and tail[-1].split(":")[0].endswith(error["exception"]) and "itk_kmeans_t1" in tail[-1]
-    assert "Traceback" in _log(root, job)  # the whole traceback is in the job's log
+    assert "Traceback" in job_log(root, job)  # the whole traceback is in the job's log

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from helpers.fake_slurm import install_fake_slurm
+from helpers.jobs import TIMEOUT, job_log, train_spec, wait_for_event
 
 from backend.cli import main as cli_main
 from backend.jobs import job_status, list_jobs, read_events, wait_job
@@ -27,34 +28,7 @@ from backend.jobs.process import pid_alive
 from backend.jobs.slurm import SubmititBackend, SubmititRun
 from backend.jobs.store import JobPaths
 
-SMALL = {"patch_size": [16, 16, 16], "batch_labeled": 2, "sw_overlap": 0.0, "sw_batch_size": 64,
-         "val_every": 1000, "checkpoint_every": 2}
-TIMEOUT = 240.0
 REPO = Path(__file__).resolve().parents[2]
-
-
-def train_spec(steps: int, **overrides) -> dict:
-    return {"kind": "train", "method": "supervised", "preset": "tiny", "steps": steps, "device": "cpu",
-            "overrides": {**SMALL, **overrides}}
-
-
-def wait_for_event(root: Path, job_id: str, kind: str, timeout: float = TIMEOUT) -> list[dict]:
-    seen, offset, deadline = [], 0, time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        events, offset = read_events(root, job_id, offset)
-        for event in events:
-            seen.append(event)
-            if event["type"] == kind:
-                return seen
-            assert event["type"] not in ("done", "cancelled", "error"), f"job ended early: {event}"
-        time.sleep(0.1)
-    raise AssertionError(f"no {kind} event in {timeout} s: {_log(root, job_id)}")
-
-
-def _log(root: Path, job_id: str) -> str:
-    folder = root / "semiseg" / "jobs" / job_id
-    logs = [folder / "log.txt", *sorted((folder / "submitit").glob("*_log.*"))]
-    return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in logs if p.is_file())
 
 
 def _checkpoint_step(project, run: str) -> int:
@@ -68,7 +42,7 @@ def _checkpoint_step(project, run: str) -> int:
 @pytest.mark.slow
 def test_submitit_job_cancels_at_a_checkpoint_and_resumes_to_done(brain_project):
     root, backend = brain_project.root, SubmititBackend(cluster="local", time_min=30)
-    first = backend.submit(root, train_spec(40, checkpoint_every=1000))
+    first = backend.submit(root, train_spec(40, {"checkpoint_every": 1000}))
     record = json.loads((root / "semiseg" / "jobs" / first / "backend.json").read_text())
     assert record["backend"] == "slurm" and record["cluster"] == "local" and record["gpus"] == 0
     controller = int(record["scheduler_job"])  # submitit's local job id: its controller's pid
@@ -84,7 +58,7 @@ def test_submitit_job_cancels_at_a_checkpoint_and_resumes_to_done(brain_project)
     assert task["attempt"] == 1 and task["pid"] not in (child, controller) and pid_alive(child)
     backend.cancel(root, first)
     status = wait_job(root, first, timeout=TIMEOUT)
-    assert status["state"] == "cancelled", _log(root, first)
+    assert status["state"] == "cancelled", job_log(root, first)
     assert not pid_alive(child) and not pid_alive(controller)
     stopped_at = _checkpoint_step(brain_project, run)  # the cancel saved a checkpoint (periodic ones are off)
     assert 1 <= stopped_at < 40 and status["step"] == stopped_at
@@ -94,7 +68,7 @@ def test_submitit_job_cancels_at_a_checkpoint_and_resumes_to_done(brain_project)
     paths = JobPaths.existing(root, second)
     assert paths.backend_record()["cluster"] == "local" and paths.read_spec()["resume"] is True
     status = wait_job(root, second, timeout=TIMEOUT)
-    assert status["state"] == "done" and status["run"] == run, _log(root, second)
+    assert status["state"] == "done" and status["run"] == run, job_log(root, second)
     assert status["step"] == status["total"] == 40 and status["resumed_from"] == first
     events = read_events(root, second)[0]
     assert events[0]["type"] == "start" and events[0]["resumed"] is True and events[0]["step"] == stopped_at
@@ -114,7 +88,7 @@ def test_time_limit_signal_requeues_the_job_and_it_resumes_from_its_checkpoint(b
     sends it to the task once training has checkpointed.  submitit calls SubmititRun.checkpoint, which stops the
     child (checkpoint, ``preempted``), dumps the resubmission and exits 144: the controller requeues the task."""
     root, backend = brain_project.root, SubmititBackend(cluster="local", time_min=30)
-    job = backend.submit(root, train_spec(40, checkpoint_every=2))
+    job = backend.submit(root, train_spec(40, {"checkpoint_every": 2}))
     controller = int(JobPaths.existing(root, job).backend_record()["scheduler_job"])
     run = wait_for_event(root, job, "checkpoint")[0]["run"]
     task = json.loads((root / "semiseg" / "jobs" / job / "task.json").read_text())
@@ -127,7 +101,7 @@ def test_time_limit_signal_requeues_the_job_and_it_resumes_from_its_checkpoint(b
         if status["state"] not in ("queued", "running"):
             break
         time.sleep(0.2)
-    assert status["state"] == "done" and states <= {"queued", "running", "done"}, _log(root, job)
+    assert status["state"] == "done" and states <= {"queued", "running", "done"}, job_log(root, job)
     events = read_events(root, job)[0]
     kinds = [e["type"] for e in events]
     assert kinds.count("preempted") == 1 and kinds.count("start") == 2 and kinds[-1] == "done"
