@@ -24,6 +24,10 @@ class RemoteJobs:
         :class:`JobBusyError` while another training job runs there."""
         return self.http.request("POST", "/jobs", json=spec, conflict=JobBusyError)["id"]
 
+    def training_choices(self) -> dict[str, Any]:
+        """The server's methods, presets and devices (:func:`backend.jobs.choices.training_choices` run there)."""
+        return self.http.request("GET", "/choices")
+
     def list_jobs(self) -> list[dict[str, Any]]:
         return self.http.request("GET", "/jobs")
 

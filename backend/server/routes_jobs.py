@@ -2,6 +2,9 @@
 one job's status, its events (JSON slices or a server-sent event stream), cancel and resume."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Request
@@ -16,6 +19,7 @@ from backend.server.deps import get_project, require
 from backend.server.sse import event_stream
 
 router = APIRouter()
+CHOICES_TIMEOUT_S = 120
 
 
 def known_job(job_id: str, project: Project = Depends(get_project)) -> JobPaths:
@@ -29,6 +33,21 @@ def known_job(job_id: str, project: Project = Depends(get_project)) -> JobPaths:
 @router.get("/jobs")
 def jobs(project: Project = Depends(get_project), user: User = Depends(require("read"))) -> list[dict[str, Any]]:
     return list_jobs(project.root)
+
+
+@router.get("/choices")
+def choices(request: Request, user: User = Depends(require("read"))) -> dict[str, Any]:
+    """What the training form offers on this server: ``{"methods": {name: [presets]}, "devices": [...]}`` (its
+    GPUs, not the client's).  Computed once, in a child process (``python -m backend.jobs.choices`` imports torch
+    and every method, which the server's own process does not)."""
+    if getattr(request.app.state, "choices", None) is None:
+        done = subprocess.run([sys.executable, "-m", "backend.jobs.choices"], capture_output=True, text=True,
+                              timeout=CHOICES_TIMEOUT_S)
+        if done.returncode != 0:
+            raise HTTPException(500, "could not list the methods and devices: "
+                                     + (done.stderr.strip().splitlines() or ["no output"])[-1])
+        request.app.state.choices = json.loads(done.stdout.strip().splitlines()[-1])
+    return request.app.state.choices
 
 
 @router.post("/jobs", status_code=201)

@@ -90,6 +90,7 @@ class TrainingDock(DockBase):
         self.state.project_changed.connect(self._on_project_changed)
         self.state.labels_changed.connect(lambda _case: self.refresh_models())
         self.state.models_changed.connect(self.refresh_models)
+        self._choices_from: str | None = None  # the server whose choices the form shows (None: this machine's)
         form.load_choices()
         self._on_project_changed(self.state.project)
 
@@ -153,10 +154,31 @@ class TrainingDock(DockBase):
         where = getattr(project, "server", None) or getattr(project, "root", "")
         self.project_label.setText("No project open" if project is None else f"{project.name}\n{where}")
         self.model_list.set_project(project)
+        self._load_choices_for(project)
         if project is not None:
             self._attach_running_job(project)
         self.monitor.refresh_jobs()
         self._update_buttons()
+
+    def _load_choices_for(self, project: Project | None) -> None:
+        """The methods, presets and devices of the machine the jobs run on: the server's (asked in a worker) for a
+        server's project, this machine's (the form's child process) again when going back to a folder."""
+        server = getattr(project, "server", None) if self.state.is_remote() else None
+        if server == self._choices_from:
+            return
+        self._choices_from = server
+        if server is None:
+            self.form.load_choices()
+            return
+        self.form.local = False
+        self._say(f"Looking up the methods and devices of {server}...")
+
+        def loaded(choices: dict[str, Any]) -> None:
+            if self._choices_from == server:
+                self._say("")
+                self.set_choices(choices)
+
+        _state.start_worker(self, self.state.jobs().training_choices, on_done=loaded)
 
     def refresh_models(self) -> None:
         """Re-read the runs (a server's project: after fetching its run table in a worker)."""

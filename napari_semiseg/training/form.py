@@ -48,6 +48,8 @@ class TrainingForm(QWidget):
             grid.addWidget(QLabel(label), row, 0)
             grid.addWidget(widget, row, 1)
         self.process = QProcess(self)
+        self.process.finished.connect(self._on_choices)
+        self.local = True  # the choices shown are this machine's (False: a server's, set by the dock)
 
     def method(self) -> str:
         return self.method_combo.currentText()
@@ -59,12 +61,17 @@ class TrainingForm(QWidget):
 
     # ---- the choices, from a child process --------------------------------------------------------------------
     def load_choices(self) -> None:
+        """This machine's choices, from the child process (once at a time)."""
+        self.local = True
+        if self.process.state() != QProcess.ProcessState.NotRunning:
+            return  # its answer is on the way
         self.process.setWorkingDirectory(str(REPO))
-        self.process.finished.connect(self._on_choices)
         self.message.emit("Looking up methods and devices...")
         self.process.start(sys.executable, ["-m", "backend.jobs.choices"])
 
     def _on_choices(self, *_args: Any) -> None:
+        if not self.local:
+            return  # a server's choices replaced these meanwhile
         out = bytes(self.process.readAllStandardOutput()).decode(errors="replace").strip().splitlines()
         try:
             choices = json.loads(out[-1])

@@ -248,3 +248,14 @@ def test_serve_without_users_is_one_line(tmp_path):
                           str(free_port()), "--tokens", str(tmp_path / "none.json")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "semiseg token add" in out.stderr
+
+
+def test_choices_are_the_servers_methods_presets_and_devices_for_any_user(server):
+    """GET choices: what the training form offers, computed on the server (its devices, not the laptop's)."""
+    from backend.jobs.choices import training_choices
+
+    assert httpx.get(server.url + API + "/choices", timeout=30).status_code == 401
+    answer = get(server, "/choices", user="ann", timeout=120)
+    assert answer.status_code == 200
+    assert answer.json() == training_choices()  # the same machine here: the same methods and devices
+    assert server.client("ann").training_choices()["methods"]["diffrect"]

@@ -143,6 +143,10 @@ def test_both_docks_drive_a_server(remote_docks, served, qtbot, answers):
     _connect(qtbot, review, server.url, server.tokens["boss"])
     assert review.project.server == server.url and training.state.is_remote()
     assert "as boss (trainer)" in review.connection.message.text()
+    # the training form offers the server's methods, presets and devices (asked over HTTP in a worker)
+    qtbot.waitUntil(lambda: not training.form.local and bool(training.choices.get("devices")), timeout=60000)
+    assert training.choices["devices"] == ["cpu"]  # the server's (a CPU server here), not asked of this process
+    assert set(training.choices["methods"]) >= {"diffrect", "diffcl", "genericssl", "supervised"}
     # PACS import and export would write the local mirror, not the server's project: not offered
     assert review.pacs.isHidden() and review.editor.export_button.parentWidget().isHidden()
     expected = [r["case"] for r in review_rows(project)]
@@ -250,4 +254,5 @@ def test_401_and_refused_messages_then_back_to_a_project_folder(remote_docks, se
     with qtbot.waitSignal(review.table_refreshed, timeout=60000):
         review.open_project(project.root)
     assert not training.state.is_remote() and training.state.jobs().root == project.root
+    assert training.form.local  # this machine's methods and devices again (the form's child process)
     assert not review.pacs.isHidden() and not review.editor.export_button.parentWidget().isHidden()
