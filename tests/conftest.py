@@ -1,6 +1,7 @@
 """Shared fixtures: real sample projects copied to a temp folder, small thread counts for 2-core CI."""
 from __future__ import annotations
 
+import locale
 import os
 from pathlib import Path
 
@@ -22,16 +23,22 @@ def _torch_threads():
         pass
 
 
+_LOCALE_AT_START = locale.setlocale(locale.LC_ALL)
+
+
 @pytest.fixture(autouse=True)
 def _restore_locale():
     """SimpleITK's DICOM (GDCM) writer, which tests use to make DICOM series, sets the process locale to "C",
-    after which Python's default text encoding is ASCII; put the locale back so no test depends on the order."""
-    import locale
+    after which Python's default text encoding is ASCII; put back the locale the session started with, before and
+    after each test, so no test depends on the order (a module-scoped fixture that writes a series runs before
+    this fixture: saving the locale here would save its "C")."""
+    def restore() -> None:
+        if locale.setlocale(locale.LC_ALL) != _LOCALE_AT_START:
+            locale.setlocale(locale.LC_ALL, _LOCALE_AT_START)
 
-    saved = locale.setlocale(locale.LC_ALL)
+    restore()
     yield
-    if locale.setlocale(locale.LC_ALL) != saved:
-        locale.setlocale(locale.LC_ALL, saved)
+    restore()
 
 
 @pytest.fixture

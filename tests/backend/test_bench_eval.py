@@ -85,7 +85,7 @@ def test_review_loop_grows_the_labeled_set_each_round_for_both_strategies(tmp_pa
         assert all(0.0 <= float(cell.split("±")[0]) <= 1.0 for cell in row[2:4])
     assert "seed 0 random round 2" in out
     # agreement vs truth: 3 then 2 unlabeled slabs scored per loop, two loops -> 10 pairs, 4 rounds with a pick
-    rho = re.search(r"over 10 \(slab, round, seed\) pairs: Spearman rho ([+-][0-9.]+|undefined)", text)
+    rho = re.search(r"over 10 \(slab, round, seed\) pairs: Spearman rho ([+-][0-9]+\.[0-9]+|undefined)", text)
     assert rho and (rho.group(1) == "undefined" or -1.0 <= float(rho.group(1)) <= 1.0)
     hits = re.search(r"worst pseudo label in (\d) of 4 rounds \(chance ([0-9.]+)\)", text)
     assert hits and 0 <= int(hits.group(1)) <= 4 and 5 / 12 <= float(hits.group(2)) <= 1.0  # 1/3, 1/3, 1/2, 1/2

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from backend.cli.demo import DEFAULT_METHODS
 from backend.errors import InputError
 from backend.engine.intensity import normalize_intensity
 from backend.methods import get_method
@@ -26,7 +27,8 @@ from backend.project.sample import (PRETRAINED_RUN, RUN_FILES, copy_sample, inst
 from backend.io.volume import read_volume
 from conftest import REPO
 
-METHODS = ("supervised", "supervised2d", "diffrect", "diffcl", "genericssl")
+METHODS = ("supervised", "supervised2d", "diffrect", "diffcl", "genericssl")  # shipped pretrained runs
+DEMO_METHODS = DEFAULT_METHODS  # what the demo infers by default (supervised2d is DiffRect's benchmark baseline)
 
 
 def test_every_method_has_a_small_shipped_checkpoint_that_is_package_data():
@@ -128,24 +130,24 @@ def test_demo_reaches_the_review_queue_with_every_method_from_the_pretrained_che
     print(f"demo first run: {seconds:.0f} s\n{text}")
 
     # pseudo labels and agreement scores of every method, from the shipped runs, nothing trained
-    for method in METHODS:
+    for method in DEMO_METHODS:
         scores = json.loads((project / "semiseg" / "pseudo" / method / PRETRAINED_RUN / "scores.json").read_text())
         assert sorted(scores["cases"]) == ["colin27_ch2", "colin27_ch2better"]
         assert sorted(p.name for p in (project / "semiseg" / "models" / method).iterdir()) == [PRETRAINED_RUN]
     # the review queue printed with a score column per method and the unlabeled cases on top
     table = text.split("Review queue", 1)[1]
     header = table.splitlines()[1]
-    assert all(m in header for m in METHODS), header
+    assert all(m in header for m in DEMO_METHODS), header
     rows = [line.split() for line in table.splitlines()[2:5]]
     assert {r[0] for r in rows[:2]} == {"colin27_ch2", "colin27_ch2better"} and rows[2][0] == "itk_kmeans_t1"
-    cells = [r[4:4 + len(METHODS)] for r in rows[:2]]
+    cells = [r[4:4 + len(DEMO_METHODS)] for r in rows[:2]]
     assert all(re.fullmatch(r"\d\.\d{3}|-", c) for r in cells for c in r), rows
     assert all(sum(c != "-" for c in r) >= 3 for r in cells), rows  # one-view supervised has no agreement
     lowest = [min(float(c) for c in r if c != "-") for r in cells]
     assert lowest[0] <= lowest[1], rows  # the most doubtful case first
     # progress lines with the elapsed time and an ETA, during inference
     progress = [line for line in text.splitlines() if re.match(r"\[\s*[\d hmins]+\] ", line)]
-    assert sum("ETA" in line for line in progress) >= len(METHODS) * 2, progress
+    assert sum("ETA" in line for line in progress) >= len(DEMO_METHODS) * 2, progress
     assert any("review queue ready" in line for line in progress)
     # the exact commands to review (venv python, quoted project path; xvfb-run form without a display) and to train
     quoted = f"'{project.resolve()}'"

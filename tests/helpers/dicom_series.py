@@ -2,6 +2,7 @@
 recipe of the SimpleITK examples): one file per axial slice, its position, orientation and UIDs set per slice."""
 from __future__ import annotations
 
+import locale
 import time
 from pathlib import Path
 
@@ -37,6 +38,17 @@ def write_dicom_series(volume: Volume, folder: str | Path, *, modality: str = "M
     ]
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()  # our study/series/frame UIDs, not GDCM's fresh ones
+    saved_locale = locale.setlocale(locale.LC_ALL)  # GDCM's writer sets the process locale to "C" (ASCII text)
+    try:
+        _write_slices(writer, image, common, folder, modality)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved_locale)
+    return uids
+
+
+def _write_slices(writer, image, common: list[tuple[str, str]], folder: Path, modality: str) -> None:
+    from pydicom.uid import generate_uid
+
     for k in range(image.GetDepth()):
         piece = image[:, :, k]
         for tag, value in common:
@@ -48,4 +60,3 @@ def write_dicom_series(volume: Volume, folder: str | Path, *, modality: str = "M
         piece.SetMetaData("0008|0016", "1.2.840.10008.5.1.4.1.1.2" if modality == "CT" else "1.2.840.10008.5.1.4.1.1.4")
         writer.SetFileName(str(folder / f"slice_{k:04d}.dcm"))
         writer.Execute(piece)
-    return uids
