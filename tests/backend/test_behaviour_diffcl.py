@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import backend.methods.diffcl.method as dm
+from helpers.symmetry import which_symmetry
 from backend.methods.diffcl.config import DiffCLConfig
 from backend.methods.diffcl.contrast import ClassMemoryBank, label_propagation_loss, sample_voxels, select_pairs
 from backend.methods.diffcl.mamba import (GatedSpatialAttention, HighFrequencyMamba, SpaceMamba, _ScanPath,
@@ -308,15 +309,6 @@ def test_warmup_and_lr_values_at_given_steps():
 
 
 # ---- augmentation ------------------------------------------------------------------------------------------------
-def _symmetries(t: torch.Tensor) -> list[torch.Tensor]:
-    rots = [torch.rot90(t, k, dims=(-2, -1)) for k in range(4)]
-    return rots + [r.flip(-1) for r in rots]
-
-
-def _index(out: torch.Tensor, raw: torch.Tensor) -> int:
-    return next((i for i, s in enumerate(_symmetries(raw)) if s.shape == out.shape and torch.equal(s, out)), -1)
-
-
 def test_augment_moves_the_label_with_its_image_draws_the_8_symmetries_evenly_and_can_be_off():
     torch.manual_seed(5)
     mark = torch.zeros(3, 4, 4, dtype=torch.long)          # an asymmetric mark, different in every slice (D)
@@ -330,8 +322,8 @@ def test_augment_moves_the_label_with_its_image_draws_the_8_symmetries_evenly_an
     for _ in range(400):
         xa, ya, xua = m._augment(x, y, x_u)
         assert torch.equal(xa[:, 0], 2 * ya.float()) and torch.equal(xa[:, 1], -ya.float())
-        ks = [_index(ya[i], y[i]) for i in range(2)]
-        ku = [_index(xua[i, 0], x_u[i, 0]) for i in range(2)]
+        ks = [which_symmetry(ya[i], y[i]) for i in range(2)]
+        ku = [which_symmetry(xua[i, 0], x_u[i, 0]) for i in range(2)]
         assert -1 not in ks + ku
         counts[ks[0]] += 1
         counts_u[ku[1]] += 1
@@ -344,7 +336,7 @@ def test_augment_moves_the_label_with_its_image_draws_the_8_symmetries_evenly_an
     seen = set()
     for _ in range(60):
         (out,) = random_rot_flip(wide)
-        seen.update(_index(out[i, 0], wide[i, 0]) for i in range(2))
+        seen.update(which_symmetry(out[i, 0], wide[i, 0]) for i in range(2))
     assert seen == {0, 2, 4, 6}                              # H != W: 0 / 180 degrees, flipped or not
     off = _method(augment=False)
     xa, ya, xua = off._augment(x, y, x_u)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.symmetry import which_symmetry
 from backend.methods import get_method
 from backend.methods.diffcl.method import DiffCL, DiffCLConfig, random_rot_flip
 from backend.methods.diffcl.contrast import ClassMemoryBank, label_propagation_loss, select_pairs
@@ -213,17 +214,6 @@ def test_memory_bank_is_a_per_class_fifo_with_state():
 
 
 # ---- augmentation (Sec. 5.1) -------------------------------------------------------------------------------------
-def _symmetries(t: torch.Tensor) -> list[torch.Tensor]:
-    """The 8 in-plane symmetries of ``t [..., H, W]``."""
-    rots = [torch.rot90(t, k, dims=(-2, -1)) for k in range(4)]
-    return rots + [r.flip(-1) for r in rots]
-
-
-def _which_symmetry(out: torch.Tensor, raw: torch.Tensor) -> int:
-    """Index of the symmetry of ``raw`` that ``out`` is (-1: none)."""
-    return next((i for i, s in enumerate(_symmetries(raw)) if s.shape == out.shape and torch.equal(s, out)), -1)
-
-
 def test_random_rot_flip_same_transform_for_image_and_label_all_8_symmetries():
     torch.manual_seed(0)
     label = torch.zeros(1, 4, 6, 6, dtype=torch.long)
@@ -234,13 +224,13 @@ def test_random_rot_flip_same_transform_for_image_and_label_all_8_symmetries():
     for _ in range(80):
         img, lab = random_rot_flip(image, label)
         assert torch.equal(img[:, 0], lab.float()) and torch.equal(img[:, 1], -lab.float())
-        seen.add(_which_symmetry(lab[0], label[0]))
+        seen.add(which_symmetry(lab[0], label[0]))
     assert seen == set(range(8))
     wide = torch.arange(2 * 3 * 4 * 6.0).view(2, 1, 3, 4, 6)   # H != W: 0 or 180 degrees, shape kept
     for _ in range(20):
         (out,) = random_rot_flip(wide)
         assert out.shape == wide.shape
-        assert all(_which_symmetry(out[i, 0], wide[i, 0]) in (0, 2, 4, 6) for i in range(2))
+        assert all(which_symmetry(out[i, 0], wide[i, 0]) in (0, 2, 4, 6) for i in range(2))
     (same,) = random_rot_flip(wide[:0])
     assert same.shape[0] == 0
 
@@ -316,8 +306,8 @@ def test_train_step_wiring_augmented_labels_pseudo_labels_features_and_warmup():
         logs = m.train_step(labeled, unlabeled, step)
         x, (logits_c, feats_c) = seen["cs"][-1]
         (x_ds, y_t, t), (logits_d, feats_d) = seen["ds"][-1]
-        kinds_l.add(_which_symmetry(x[0, 0], labeled["image"][0, 0]))
-        kinds_u.add(_which_symmetry(x[1, 0], unlabeled["image"][0, 0]))
+        kinds_l.add(which_symmetry(x[0, 0], labeled["image"][0, 0]))
+        kinds_u.add(which_symmetry(x[1, 0], unlabeled["image"][0, 0]))
         assert torch.equal(x_ds, x)
         (labels,), (y_t_made, t_made) = seen["noise"][-1]
         y_hat = logits_c.detach().argmax(1)
