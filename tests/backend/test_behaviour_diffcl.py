@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import backend.methods.diffcl.method as dm
+from helpers.spy import record_calls
 from helpers.symmetry import which_symmetry
 from backend.methods.diffcl.config import DiffCLConfig
 from backend.methods.diffcl.contrast import ClassMemoryBank, label_propagation_loss, sample_voxels, select_pairs
@@ -176,16 +177,8 @@ def test_train_step_wiring_values_logs_gradient_flow_and_sgd_update():
     m.cs.register_forward_hook(lambda mod, args, out: seen["cs"].append((args[0], out)))
     m.ds.register_forward_hook(lambda mod, args, out: seen["ds"].append((args, out)))
 
-    def spy(name, fn):
-        def wrapped(*args):
-            result = fn(*args)
-            seen[name].append((args, result))
-            return result
-        return wrapped
-
-    for name, attr in (("aug", "_augment"), ("noise", "_noised_labels"), ("losses", "_losses"),
-                       ("bank", "_update_bank"), ("cl", "_contrastive")):
-        setattr(m, attr, spy(name, getattr(m, attr)))
+    record_calls(m, seen, {"aug": "_augment", "noise": "_noised_labels", "losses": "_losses",
+                           "bank": "_update_bank", "cl": "_contrastive"})
     groups = _groups(m)
     flow: dict[str, set[str]] = {}
     original_step = m.backward_and_step

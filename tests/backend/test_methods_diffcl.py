@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.spy import record_calls
 from helpers.symmetry import which_symmetry
 from backend.methods import get_method
 from backend.methods.diffcl.method import DiffCL, DiffCLConfig, random_rot_flip
@@ -289,16 +290,8 @@ def test_train_step_wiring_augmented_labels_pseudo_labels_features_and_warmup():
     m.cs.register_forward_hook(lambda mod, args, out: seen["cs"].append((args[0].detach(), out)))
     m.ds.register_forward_hook(lambda mod, args, out: seen["ds"].append((args, out)))
 
-    def spy(name, fn):
-        def wrapped(*args):
-            result = fn(*args)
-            seen[name].append((args, result))
-            return result
-        return wrapped
-
-    for name, attr in (("noise", "_noised_labels"), ("losses", "_losses"), ("bank", "_update_bank"),
-                       ("cl", "_contrastive")):
-        setattr(m, attr, spy(name, getattr(m, attr)))
+    record_calls(m, seen, {"noise": "_noised_labels", "losses": "_losses", "bank": "_update_bank",
+                           "cl": "_contrastive"})
     labeled, unlabeled = _batch(size=32, seed=3)
     labeled["image"] = labeled["label"].float()        # image == label: the label must move with its image
     kinds_l, kinds_u = set(), set()

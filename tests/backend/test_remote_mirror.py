@@ -15,7 +15,7 @@ from backend.review.corrections import accept_correction, flag_case, flags, list
 from backend.review.queue import review_rows
 from backend.review.views import read_views
 from helpers.plugin_fixtures import FAKE_RUN, write_fake_pseudo_labels
-from helpers.semiseg_server import SemisegServer
+from helpers.semiseg_server import serving
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +27,8 @@ def served(tmp_path_factory):
     (project.model_dir("diffcl", FAKE_RUN)).mkdir(parents=True)
     (project.model_dir("diffcl", FAKE_RUN) / "run.json").write_text('{"labeled_count": 2, "best": {"dice": 0.7}}')
     (project.model_dir("diffcl", FAKE_RUN) / "checkpoint.pt").write_bytes(b"x")
-    server = SemisegServer(project.root, folder / "server")
-    try:
+    with serving(project.root, folder / "server") as server:
         yield server, project
-    finally:
-        server.stop()
 
 
 def _strip(rows):

@@ -26,7 +26,7 @@ from backend.remote import (ConnectionRefused, Forbidden, HostNotFound, RemotePr
 from backend.review.corrections import flags, list_drafts, load_draft, save_draft
 from backend.review.queue import review_rows
 from helpers.orthanc import free_port
-from helpers.semiseg_server import SemisegServer
+from helpers.semiseg_server import SemisegServer, serving
 
 API = "/api/v1"
 
@@ -35,11 +35,8 @@ API = "/api/v1"
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("server")
     copy_sample(folder / "project", "brain_tissue")
-    running = SemisegServer(folder / "project", folder / "server")
-    try:
+    with serving(folder / "project", folder / "server") as running:
         yield running
-    finally:
-        running.stop()
 
 
 def get(server, path, user="boss", **kwargs):

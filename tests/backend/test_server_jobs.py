@@ -17,32 +17,20 @@ from backend.jobs import read_events
 from backend.jobs.process import pid_alive
 from backend.project import Project
 from backend.project.sample import copy_sample
-from helpers.semiseg_server import SemisegServer
+from helpers.jobs import train_spec
+from helpers.semiseg_server import serving
 
 pytestmark = pytest.mark.slow
 
-# The tiny preset with 16^3 patches and no window overlap (as tests/backend/test_jobs_real.py): cheap steps,
-# cheap final validation and inference on two cores.
-SMALL = {"patch_size": [16, 16, 16], "batch_labeled": 2, "sw_overlap": 0.0, "sw_batch_size": 64,
-         "val_every": 1000, "checkpoint_every": 2}
 LONG = 5000  # steps of a job that is cancelled long before its end
-
-
-def train_spec(steps: int) -> dict:
-    return {"kind": "train", "method": "supervised", "preset": "tiny", "steps": steps, "device": "cpu",
-            "overrides": dict(SMALL)}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("jobs-server")
     copy_sample(folder / "project", "brain_tissue")
-    running = SemisegServer(folder / "project", folder / "server")
-    try:
+    with serving(folder / "project", folder / "server") as running:
         yield running
-    finally:
-        running.cancel_jobs()
-        running.stop()
 
 
 def until(stream, kind: str) -> list[dict]:

@@ -3,12 +3,14 @@ an annotator and a trainer token; killed with the test process (its parent-death
 teardown, so it never outlives the tests.  Jobs it started are cancelled at teardown too."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
 import httpx
 
@@ -92,3 +94,15 @@ class SemisegServer:
 
     def headers(self, user: str = "boss") -> dict[str, str]:
         return {"Authorization": f"Bearer {self.tokens[user]}"}
+
+
+@contextlib.contextmanager
+def serving(project_root: Path, folder: Path, **kwargs: Any) -> Iterator[SemisegServer]:
+    """A :class:`SemisegServer` for a ``with`` block (or a fixture); at its end the jobs still running in the
+    project are cancelled (they outlive a server, even a killed one) and the server stops."""
+    server = SemisegServer(project_root, folder, **kwargs)
+    try:
+        yield server
+    finally:
+        server.cancel_jobs()
+        server.stop()

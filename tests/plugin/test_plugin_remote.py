@@ -21,7 +21,8 @@ from backend.review.corrections import list_drafts
 from backend.review.queue import review_rows
 from helpers.plugin_fixtures import write_fake_pseudo_labels
 from helpers.orthanc import free_port
-from helpers.semiseg_server import SemisegServer
+from helpers.jobs import SMALL  # the tiny preset on 16^3 patches: cheap steps on two cores
+from helpers.semiseg_server import serving
 from napari_semiseg.review import CORRECTION, KEEP
 from napari_semiseg.review.connect import FOLDER, SERVER
 
@@ -30,22 +31,14 @@ pytest_plugins = ["helpers.plugin_fixtures"]  # answers
 pytestmark = [pytest.mark.gui, pytest.mark.slow]
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"  # not committed, as test_plugin_screenshots.py's
-# the tiny supervised preset on 16^3 patches (as tests/backend/test_server_jobs.py): cheap steps on two cores
-SMALL = {"patch_size": [16, 16, 16], "batch_labeled": 2, "sw_overlap": 0.0, "sw_batch_size": 64,
-         "val_every": 1000, "checkpoint_every": 2}
 
 
 @pytest.fixture
 def served(tmp_path):
     project = copy_sample(tmp_path / "served", "brain_tissue")
     write_fake_pseudo_labels(project)
-    server = SemisegServer(project.root, tmp_path / "server")
-    try:
+    with serving(project.root, tmp_path / "server") as server:
         yield server, project
-    finally:
-        if server.process.poll() is None:
-            server.cancel_jobs()
-        server.stop()
 
 
 @pytest.fixture
